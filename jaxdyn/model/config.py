@@ -79,8 +79,10 @@ class ModelConfig:
     def __post_init__(self):
         checks = [
             (self.family in FAMILIES, f"family={self.family!r}; supported: {FAMILIES}"),
-            (self.rope_type in ROPE_TYPES, f"rope_type={self.rope_type!r}; supported: {ROPE_TYPES}"),
-            (self.activation in ACTIVATIONS, f"activation={self.activation!r}; supported: {ACTIVATIONS}"),
+            (self.rope_type in ROPE_TYPES,
+             f"rope_type={self.rope_type!r}; supported: {ROPE_TYPES}"),
+            (self.activation in ACTIVATIONS,
+             f"activation={self.activation!r}; supported: {ACTIVATIONS}"),
             (self.remat_policy in REMAT_POLICIES,
              f"remat_policy={self.remat_policy!r}; supported: {REMAT_POLICIES}"),
             (self.arch in ARCHS, f"arch={self.arch!r}; supported: {ARCHS}"),

@@ -1,0 +1,135 @@
+"""KV-cached, jitted autoregressive generation for every architecture.
+
+Prompts are left-padded to a bucketed length so the prefill compiles once per bucket; the decode
+step has fully static shapes ([B, 1] tokens, [B, S] cache) and compiles once per
+(config, sampling, batch, cache size). Routed models decode with their causal routers
+(`routing_mode="causal"`), so a routed layer's cache holds keys only for tokens it processed.
+
+Dimension legend: B batch, P padded prompt length, S cache slots, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdyn.model import ModelConfig, build, init_cache
+from jaxdyn.sampling import SamplingConfig, sample
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per prompt (EOS included when emitted)
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+
+    @property
+    def tokens_per_sec(self) -> float:
+        """Decode throughput over all rows (new tokens after the first / decode time)."""
+        n = sum(max(len(t) - 1, 0) for t in self.tokens)
+        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+def _seen_update(seen_BV, tok_B):
+    if seen_BV is None:
+        return None
+    return seen_BV.at[jnp.arange(tok_B.shape[0]), tok_B].set(True)
+
+
+@functools.lru_cache(maxsize=16)
+def compiled_steps(cfg: ModelConfig, sampling: SamplingConfig) -> tuple[Callable, Callable]:
+    """(prefill, decode_step), jitted; cached so repeated calls never recompile."""
+    model = build(cfg, routing_mode="causal")
+    track_seen = sampling.repetition_penalty != 1.0
+
+    def prefill(params, tokens_BP, pos_BP, valid_BP, cache, rng):
+        out = model.apply({"params": params}, tokens_BP, pos_BP, valid_BP.astype(jnp.int32),
+                          cache)
+        seen = None
+        if track_seen:
+            hit_BPV = jax.nn.one_hot(tokens_BP, cfg.vocab_size, dtype=bool) & valid_BP[..., None]
+            seen = jnp.any(hit_BPV, axis=1)
+        tok_B = sample(out.logits[:, -1], jax.random.fold_in(rng, 0), sampling, seen)
+        return tok_B, out.cache, _seen_update(seen, tok_B)
+
+    def decode_step(params, tok_B, pos_B, cache, seen_BV, rng, step):
+        out = model.apply({"params": params}, tok_B[:, None], pos_B[:, None], None, cache)
+        nxt_B = sample(out.logits[:, 0], jax.random.fold_in(rng, step), sampling, seen_BV)
+        return nxt_B, out.cache, _seen_update(seen_BV, nxt_B)
+
+    return jax.jit(prefill, donate_argnums=(4,)), jax.jit(decode_step, donate_argnums=(3,))
+
+
+def left_pad(prompts: Sequence[Sequence[int]], bucket: int, pad_id: int = 0):
+    """tokens, positions, valid [B, P] with P the longest prompt rounded up to `bucket`."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
+    longest = max(len(p) for p in prompts)
+    P = -(-longest // bucket) * bucket
+    tokens = np.full((len(prompts), P), pad_id, np.int32)
+    valid = np.zeros((len(prompts), P), bool)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = p
+        valid[i, P - len(p):] = True
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    return tokens, positions, valid
+
+
+def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+             eos_id: int | None = None, bucket: int = 16,
+             on_tokens: Callable[[int, np.ndarray], None] | None = None) -> GenerationResult:
+    """Generate up to `max_new_tokens` per prompt; rows stop after emitting `eos_id`.
+
+    `on_tokens(step, tokens_B)` is called after each step (for streaming).
+    """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    tokens, positions, valid = left_pad(prompts, bucket)
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"the model's context of {cfg.max_position_embeddings}; shorten the "
+                         "prompt or ask for fewer tokens")
+    B, P = tokens.shape
+    S = P + -(-max_new_tokens // bucket) * bucket
+    prefill, decode_step = compiled_steps(cfg, sampling)
+    rng = jax.random.key(seed)
+
+    t0 = time.perf_counter()
+    tok_B, cache, seen = prefill(params, tokens, positions, valid, init_cache(cfg, B, S), rng)
+    host_tok = np.asarray(tok_B)
+    t1 = time.perf_counter()
+    out = [[int(t)] for t in host_tok]
+    done = np.zeros(B, bool) if eos_id is None else host_tok == eos_id
+    if on_tokens:
+        on_tokens(0, host_tok)
+    pos_B = jnp.asarray(positions[:, -1] + 1)
+    steps = 0
+    for step in range(1, max_new_tokens):
+        if done.all():
+            break
+        tok_B, cache, seen = decode_step(params, tok_B, pos_B, cache, seen, rng,
+                                         jnp.int32(step))
+        pos_B = pos_B + 1
+        host_tok = np.asarray(tok_B)
+        steps += 1
+        for i, t in enumerate(host_tok):
+            if not done[i]:
+                out[i].append(int(t))
+        if eos_id is not None:
+            done |= host_tok == eos_id
+        if on_tokens:
+            on_tokens(step, host_tok)
+    t2 = time.perf_counter()
+    return GenerationResult(out, t1 - t0, t2 - t1, steps)
