@@ -15,14 +15,14 @@ FAMILIES = ["qwen2", "llama", "gpt_neox"]
 def test_cache_matches_full_forward(family, scan):
     cfg = tiny(family, scan_layers=scan)
     params = init_params(cfg, jax.random.key(0))
-    model = build(cfg)
+    apply = jax.jit(build(cfg).apply)
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
-    full = model.apply({"params": params}, tokens).logits
-    out = model.apply({"params": params}, tokens[:, :7], cache=init_cache(cfg, 2, 16))
+    full = apply({"params": params}, tokens).logits
+    out = apply({"params": params}, tokens[:, :7], cache=init_cache(cfg, 2, 16))
     steps = [out.logits]
     cache = out.cache
     for t in range(7, 12):
-        out = model.apply({"params": params}, tokens[:, t:t + 1], cache=cache)
+        out = apply({"params": params}, tokens[:, t:t + 1], cache=cache)
         cache = out.cache
         steps.append(out.logits)
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=1e-5, rtol=0)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxdyn.model.config import ModelConfig
-from jaxdyn.model.layers import apply_rope, dtype_of, param_init, rope_cos_sin
+from jaxdyn.model.layers import Proj, apply_rope, dtype_of, rope_cos_sin
 
 LayerCache = dict[str, jax.Array]  # {"k": [B,S,K,Hd], "v": [B,S,K,Hd], "written": [B,S] bool}
 
@@ -84,10 +84,8 @@ class Attention(nn.Module):
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
 
         def proj(name, heads, axis_name, bias):
-            return nn.DenseGeneral(
-                (heads, Hd), use_bias=bias, dtype=dt, param_dtype=pdt, name=name,
-                kernel_init=param_init(("embed", axis_name, "head_dim")),
-                bias_init=param_init((axis_name, "head_dim"), nn.initializers.zeros))
+            return Proj((D,), (heads, Hd), ("embed", axis_name, "head_dim"), bias, dt, pdt,
+                        name=name)
 
         q_BTNH = proj("q", N, "heads", cfg.qkv_bias)(x_BTD)
         k_BTKH = proj("k", K, "kv_heads", cfg.qkv_bias)(x_BTD)
@@ -123,7 +121,5 @@ class Attention(nn.Module):
             out_BTNH = attend(q_BTNH, new_cache["k"].astype(dt), new_cache["v"].astype(dt),
                               mask, cfg)
         out_BTNH = checkpoint_name(out_BTNH, "attn_out")
-        o = nn.DenseGeneral(D, axis=(-2, -1), use_bias=cfg.o_bias, dtype=dt, param_dtype=pdt,
-                            name="o", kernel_init=param_init(("heads", "head_dim", "embed")),
-                            bias_init=param_init(("embed",), nn.initializers.zeros))
+        o = Proj((N, Hd), (D,), ("heads", "head_dim", "embed"), cfg.o_bias, dt, pdt, name="o")
         return o(out_BTNH), new_cache

@@ -120,6 +120,36 @@ def dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str,
                     bias_init=param_init((axes[1],), nn.initializers.zeros), name=name)
 
 
+class Proj(nn.Module):
+    """A linear map between named multi-axis shapes via einsum, e.g. [D] -> [N, Hd].
+
+    Unlike `nn.DenseGeneral`, the kernel is initialised at its full rank, so its logical axis
+    names always match the value (DenseGeneral initialises a flattened kernel).
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axes: tuple[str, ...]  # logical names of kernel dims: in dims then out dims
+    use_bias: bool
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in, n_out = len(self.in_shape), len(self.out_shape)
+        w = self.param("kernel", param_init(self.axes), self.in_shape + self.out_shape,
+                       self.param_dtype)
+        letters = "abcdefgh"
+        ins, outs = letters[:n_in], letters[n_in:n_in + n_out]
+        y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(self.dtype),
+                       w.astype(self.dtype))
+        if self.use_bias:
+            b = self.param("bias", param_init(self.axes[n_in:], nn.initializers.zeros),
+                           self.out_shape, self.param_dtype)
+            y = y + b.reshape((1,) * (y.ndim - n_out) + self.out_shape).astype(self.dtype)
+        return y
+
+
 class MLP(nn.Module):
     """SwiGLU (`gate`, `up`, `down`) or a plain two-layer MLP (`up`, `down`) for gpt_neox."""
 
