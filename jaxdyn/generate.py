@@ -133,3 +133,106 @@ def generate(cfg: ModelConfig, params, prompts: Sequence[Sequence[int]], max_new
             on_tokens(step, host_tok)
     t2 = time.perf_counter()
     return GenerationResult(out, t1 - t0, t2 - t1, steps)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def load_for_inference(path: str):
+    """(cfg, params, tokenizer) from a Hugging Face folder (converted on the fly), a
+    `python -m conversion import` output, or a training workdir."""
+    import os
+
+    from jaxdyn.tokenizer import load_tokenizer
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
+    if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(
+            os.path.join(path, "model_config.json")):
+        import conversion
+
+        cfg, params = conversion.from_hf(path)
+        return cfg, params, load_tokenizer(path)
+    from jaxdyn.checkpoint import load_model
+
+    cfg, params, tok_dir = load_model(path)
+    return cfg, params, load_tokenizer(tok_dir)
+
+
+def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
+    import json
+
+    if (prompt is None) == (prompts_file is None):
+        raise SystemExit("give exactly one of --prompt TEXT or --prompts FILE.jsonl")
+    if prompt is not None:
+        return [prompt]
+    texts = []
+    with open(prompts_file) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                rec = json.loads(line)
+                if "prompt" not in rec:
+                    raise SystemExit(f"{prompts_file}:{n}: each line needs a \"prompt\" field")
+                texts.append(rec["prompt"])
+    return texts
+
+
+def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m jaxdyn.generate", description=__doc__)
+    ap.add_argument("--checkpoint", required=True,
+                    help="training workdir, conversion output or Hugging Face folder")
+    ap.add_argument("--prompt")
+    ap.add_argument("--prompts", help="JSONL file with one {\"prompt\": ...} per line")
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top_k", type=int, default=0)
+    ap.add_argument("--top_p", type=float, default=1.0)
+    ap.add_argument("--repetition_penalty", type=float, default=1.0)
+    ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    cfg, params, tok = load_for_inference(args.checkpoint)
+    texts = read_prompts(args.prompt, args.prompts)
+    prompts = [tok.encode(t) for t in texts]
+    for t, p in zip(texts, prompts, strict=True):
+        if not p:
+            raise SystemExit(f"prompt {t!r} encodes to no tokens; give a non-empty prompt")
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    stream = len(prompts) == 1 and sys.stdout.isatty()
+    streamed: list[int] = []
+    shown = ""
+
+    def on_tokens(step, toks_B):  # print the newly decoded suffix of the single prompt
+        nonlocal shown
+        streamed.append(int(toks_B[0]))
+        text = tok.decode(streamed)
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+
+    res = generate(cfg, params, prompts, args.max_new_tokens, sampling, args.seed,
+                   eos_id=tok.eos_id, on_tokens=on_tokens if stream else None)
+    if stream:
+        sys.stdout.write("\n")
+    for text_in, new in zip(texts, res.tokens, strict=True):
+        if new and new[-1] == tok.eos_id:
+            new = new[:-1]
+        out, _ = truncate_at_stop(tok.decode(new), args.stop)
+        if not stream:
+            print(f"=== {text_in!r}\n{out}")
+    n_new = sum(len(t) for t in res.tokens)
+    print(f"[{n_new} tokens; prefill {res.prefill_seconds:.2f}s; decode "
+          f"{res.tokens_per_sec:.1f} tokens/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
