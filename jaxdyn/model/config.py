@@ -98,6 +98,10 @@ class ModelConfig:
                 raise ConfigError(msg)
         if isinstance(self.routing, dict):  # accept a dict, store a hashable tuple
             object.__setattr__(self, "routing", tuple(sorted(self.routing.items())))
+        from jaxdyn.model.routing_options import validate_routing  # local: avoids a cycle
+
+        validate_routing(self.arch, dict(self.routing),
+                         self.num_layers if self.arch != "dense" else None)
 
     # ----- (de)serialisation -----
     def to_dict(self) -> dict[str, Any]:

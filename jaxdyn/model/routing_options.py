@@ -1,0 +1,117 @@
+"""Routing options of the routed architectures (MoD, DTF): defaults and validation.
+
+`ModelConfig.routing` stores only the options a user set; `routing_opts(cfg)` merges them over
+the defaults below (routing spec §1-§7). Unknown keys and bad values raise `ConfigError` naming
+the closest valid key. This module imports nothing from the model so `config.py` can call it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any
+
+# Options every routed architecture understands.
+COMMON: dict[str, Any] = {
+    "capacity": 0.5,  # γ: each row routes k = max(1, int(γ·T)) tokens (MoD preset 0.125)
+    "dispatch": "gather",  # "gather" (take_along_axis + scatter) | "onehot" ([B,k,T] einsums)
+    "causal_loss_weight": 0.01,  # BCE of the causal router against the top-k mask
+    "decision": "causal_router",  # causal-mode decision d_t = σ(c_t) >= 0.5
+    "route_every": 2,  # routed-layer pattern: one routed layer per unit of 2 ...
+    "route_offset": 1,  # ... at position 1 (MoD: layer 0 always dense)
+    "unpaired_last_layer": "error",  # odd num_layers is an error
+}
+MOD: dict[str, Any] = {
+    **COMMON,
+    "gate": "sigmoid",  # "sigmoid" σ(r) | "raw" r (paper) | "ones" (ablation: unscaled)
+    "router_bce_weight": 0.01,  # BCE-with-logits(r, top-k mask)
+    "z_loss_weight": 1e-4,  # mean(r²)
+}
+DTF: dict[str, Any] = {
+    **COMMON,
+    "gate": "or",  # "or": G = S_CE + S_CU - S_CE·S_CU | "ce": G = S_CE
+    "prior_width_factor": 0.0625,  # f: PriorFFN width d_i from ceil(D·f) (spec §4.1)
+    "prior_loss_weight": 0.05,
+    "prior_loss_form": "residual",  # "residual": MSE(Δ̂, sg Δ) | "thesis": MSE(H + Δ̂, sg H_post)
+    "prior_detach_input": False,  # feed sg(H) to the prior
+    "ma_window": 100,  # W of the moving average of sg(D_st)
+    "ma_padding": "replicate",  # "replicate" the first value | "available" history only
+    "causal_router_input": "post",  # "post": P(sg(H_post)) | "pair_input": P(sg(H))
+}
+DEFAULTS: dict[str, dict[str, Any]] = {"mod": MOD, "dtf": DTF}
+
+CHOICES: dict[str, tuple] = {
+    "dispatch": ("gather", "onehot"),
+    "decision": ("causal_router",),
+    "route_every": (2,),
+    "route_offset": (1,),
+    "unpaired_last_layer": ("error",),
+    "prior_loss_form": ("residual", "thesis"),
+    "prior_detach_input": (False, True),
+    "ma_padding": ("replicate", "available"),
+    "causal_router_input": ("post", "pair_input"),
+}
+GATES = {"mod": ("sigmoid", "raw", "ones"), "dtf": ("or", "ce")}
+NONNEG = ("causal_loss_weight", "router_bce_weight", "z_loss_weight", "prior_loss_weight")
+WHY_NOT = {  # values the spec names that this release does not implement yet
+    "decision": "'gate_threshold' (EMA quantile of G) is not implemented",
+    "route_every": "units are fixed (dense, routed) superblocks / (decision, dynamic) pairs",
+    "route_offset": "units are fixed (dense, routed) superblocks / (decision, dynamic) pairs",
+    "unpaired_last_layer": "'dense' needs a trailing dense layer in CausalLM (lm.py)",
+}
+
+
+def _error(msg: str) -> Exception:
+    from jaxdyn.model.config import ConfigError  # local: config.py imports this module lazily
+
+    return ConfigError(msg)
+
+
+def validate_routing(arch: str, routing: dict[str, Any], num_layers: int | None = None) -> None:
+    """Raise ConfigError for unknown keys (naming the closest one) or unsupported values."""
+    valid = DEFAULTS.get(arch, {**MOD, **DTF})
+    for key in routing:
+        if key not in valid:
+            close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise _error(f"unknown routing option {key!r} for arch={arch!r}{hint} "
+                         f"(valid: {sorted(valid)})")
+    if arch not in DEFAULTS:
+        return  # dense: routing keys are carried along (e.g. for transfer) but unused
+    opts = {**valid, **routing}
+    for key, allowed in {**CHOICES, "gate": GATES[arch]}.items():
+        if key in opts and opts[key] not in allowed:
+            why = f" ({WHY_NOT[key]})" if key in WHY_NOT else ""
+            raise _error(f"routing {key}={opts[key]!r} for arch={arch!r}; "
+                         f"supported: {allowed}{why}")
+    gamma = opts["capacity"]
+    if not (isinstance(gamma, (int, float)) and 0.0 < gamma <= 1.0):
+        raise _error(f"routing capacity={gamma!r} must be a fraction in (0, 1]")
+    for key in NONNEG:
+        if key in opts and not (isinstance(opts[key], (int, float)) and opts[key] >= 0):
+            raise _error(f"routing {key}={opts[key]!r} must be a number >= 0")
+    if arch == "dtf":
+        if not (isinstance(opts["ma_window"], int) and opts["ma_window"] >= 1):
+            raise _error(f"routing ma_window={opts['ma_window']!r} must be an int >= 1")
+        if not opts["prior_width_factor"] > 0:
+            raise _error(f"routing prior_width_factor={opts['prior_width_factor']!r} must be > 0")
+    if num_layers is not None and num_layers % 2:
+        raise _error(f"arch={arch!r} pairs layers (routing spec §1) and needs an even "
+                     f"num_layers, got {num_layers}; unpaired_last_layer='dense' "
+                     f"is not supported yet")
+
+
+def routing_opts(cfg) -> dict[str, Any]:
+    """The routing options of `cfg` merged over its architecture's defaults."""
+    return {**DEFAULTS.get(cfg.arch, {}), **cfg.routing_options}
+
+
+def capacity_k(gamma: float, T: int) -> int:
+    """k = max(1, int(γ·T)): a Python int fixed at trace time, the same for every row."""
+    return max(1, int(gamma * T))
+
+
+def prior_width(D: int, factor: float) -> int:
+    """PriorFFN width d_i = max(2, c + (c mod 2)) with c = ceil(D·f) (routing spec §4.1)."""
+    c = math.ceil(D * factor)
+    return max(2, c + (c % 2))
