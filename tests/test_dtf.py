@@ -1,0 +1,149 @@
+"""Dynamic Transformer pairs: gate maths, gradients, losses, causal routing and KV caches."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdyn.model import build, init_cache, init_params, tiny
+
+SMALL = dict(hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
+             vocab_size=128, num_layers=4)
+
+
+def dtf_cfg(**routing):
+    return tiny("qwen2", arch="dtf", routing=routing, **SMALL)
+
+
+@functools.cache
+def params_for(cfg):
+    return jax.jit(lambda r: init_params(cfg, r))(jax.random.key(0))
+
+
+@functools.cache
+def fwd(cfg, mode="topk"):
+    return jax.jit(lambda p, t, pos=None, seg=None: build(cfg, mode).apply(
+        {"params": p}, t, pos, seg))
+
+
+def tokens(B=2, T=16, seed=1):
+    return jax.random.randint(jax.random.key(seed), (B, T), 0, SMALL["vocab_size"])
+
+
+def test_param_names_shapes_and_init_metrics():
+    cfg = dtf_cfg()
+    p = params_for(cfg)["layers"]
+    assert set(p) == {"dec", "dyn", "prior_norm", "prior", "beta_ce", "beta_cu", "o_ce", "m_cu",
+                      "predictor"}
+    assert p["prior"]["w1"].shape == (2, 32, 2) and p["prior"]["w2"].shape == (2, 2, 32)
+    np.testing.assert_allclose(p["beta_ce"], [-0.3, -0.3])
+    np.testing.assert_allclose(p["m_cu"], [1.1, 1.1])
+    m = fwd(cfg)(params_for(cfg), tokens()).aux["metrics"]
+    np.testing.assert_allclose(m["beta_ce_eff"], np.log1p(np.exp(-0.3)), rtol=1e-6)
+    np.testing.assert_allclose(m["beta_cu_eff"], np.log1p(np.exp(-0.6)), rtol=1e-6)
+    np.testing.assert_allclose(m["selected_frac"], 0.5)
+    # At init the prior predicts ~0 and CU ~0: S_CE ≈ σ(0.554·log 1.025), S_CU ≈ ½, G ≈ 0.75.
+    np.testing.assert_allclose(m["G_mean"], 0.7517, atol=2e-3)
+    assert np.all(m["G_min"] <= m["G_mean"]) and np.all(m["G_mean"] <= m["G_max"])
+
+
+def test_lm_gradients_reach_gate_scalars_prior_and_both_blocks():
+    cfg = dtf_cfg()
+    p = params_for(cfg)
+    t = tokens()
+    lm = lambda p: jnp.mean(build(cfg).apply({"params": p}, t).logits ** 2)  # LM path only
+    g = jax.jit(jax.grad(lm))(p)["layers"]
+    for name in ("beta_ce", "beta_cu", "o_ce", "m_cu"):
+        assert np.all(np.abs(np.asarray(g[name])) > 0), name
+    for w in ("w1", "w2", "w3"):
+        assert float(jnp.abs(g["prior"][w]).sum()) > 0, w
+    assert float(jnp.abs(g["prior_norm"]["scale"]).sum()) > 0
+    assert float(jnp.abs(g["dec"]["mlp"]["up"]["kernel"]).sum()) > 0
+    assert float(jnp.abs(g["dyn"]["mlp"]["up"]["kernel"]).sum()) > 0
+    assert float(jnp.abs(g["predictor"]["fc1"]).sum()) == 0  # causal router input detached
+
+
+def test_prior_loss_forms_and_detach_flag():
+    t = tokens()
+
+    def prior_terms(**routing):
+        cfg = dtf_cfg(**routing).replace(num_layers=2)
+        p = params_for(dtf_cfg().replace(num_layers=2))
+        loss = lambda p: jnp.sum(build(cfg).apply({"params": p}, t).aux["losses"]["prior"])
+        return jax.jit(jax.value_and_grad(loss))(p)
+
+    l_res, g_res = prior_terms()
+    l_th, g_th = prior_terms(prior_loss_form="thesis")
+    l_det, g_det = prior_terms(prior_detach_input=True)
+    np.testing.assert_allclose(l_res, l_th, rtol=1e-4)
+    np.testing.assert_allclose(l_res, l_det, rtol=1e-6)
+    emb = lambda g: float(jnp.abs(g["embed"]["embedding"]).sum())
+    assert emb(g_res) > 0 and emb(g_det) == 0  # the prior's input H is not detached by default
+    assert emb(g_th) != pytest.approx(emb(g_res))  # thesis form adds an identity path into H
+    assert float(jnp.abs(g_det["layers"]["prior"]["w1"]).sum()) > 0
+
+
+def test_ce_gate_is_s_ce():
+    cfg = dtf_cfg(gate="ce")
+    m = fwd(cfg)(params_for(cfg), tokens()).aux["metrics"]
+    np.testing.assert_allclose(m["G_mean"], m["S_CE_mean"], rtol=1e-6)
+    np.testing.assert_allclose(m["G_max"], m["S_CE_max"], rtol=1e-6)
+
+
+def test_rows_are_independent():
+    cfg = dtf_cfg()
+    p = params_for(cfg)
+    t = tokens(B=3)
+    a, b = fwd(cfg)(p, t).logits, fwd(cfg)(p, t.at[1].set(3)).logits
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[2], b[2])
+
+
+def test_causal_mode_future_does_not_change_past():
+    cfg = dtf_cfg(ma_window=4)
+    p = params_for(cfg)
+    t = tokens()
+    a = fwd(cfg, "causal")(p, t).logits
+    b = fwd(cfg, "causal")(p, t.at[:, 9:].set(5)).logits
+    np.testing.assert_allclose(a[:, :9], b[:, :9], atol=1e-6, rtol=0)
+
+
+def test_left_padding_matches_unpadded_in_causal_mode():
+    cfg = dtf_cfg(ma_window=4)
+    p = params_for(cfg)
+    t = tokens(T=10)
+    pad = 3
+    tp = jnp.concatenate([jnp.zeros((2, pad), jnp.int32), t], axis=1)
+    pos = jnp.broadcast_to(jnp.concatenate([jnp.zeros(pad, jnp.int32), jnp.arange(10)]),
+                           (2, 10 + pad))
+    seg = (jnp.arange(10 + pad) >= pad).astype(jnp.int32)[None].repeat(2, 0)
+    a = fwd(cfg, "causal")(p, t).logits
+    b = fwd(cfg, "causal")(p, tp, pos, seg).logits
+    np.testing.assert_allclose(b[:, pad:], a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("routing", [{"ma_window": 4}, {"ma_padding": "available"}])
+def test_kv_cached_generation_equals_causal_forward(routing):
+    cfg = dtf_cfg(**routing).replace(scan_layers=False)
+    p = params_for(cfg)
+    B, T, P = 2, 12, 5
+    t = tokens(T=T)
+    apply = jax.jit(lambda p, t, c=None: build(cfg, "causal").apply(
+        {"params": p}, t, cache=c, mutable=["intermediates"]))
+    (full, state) = apply(p, t)
+    out, _ = apply(p, t[:, :P], init_cache(cfg, B, T + 3))
+    steps, cache = [out.logits], out.cache
+    for i in range(P, T):
+        out, _ = apply(p, t[:, i:i + 1], cache)
+        steps.append(out.logits)
+        cache = out.cache
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full.logits, atol=1e-5, rtol=0)
+    written = np.asarray(cache["layers"]["dyn"]["written"])
+    for j in range(2):
+        d = np.asarray(state["intermediates"][f"layers_{j}"]["decision"][0])
+        np.testing.assert_array_equal(written[j, :, :T], d)
+        assert 0 < d.sum() < d.size
+    assert not written[:, :, T:].any()
+    assert np.asarray(cache["layers"]["dec"]["written"])[:, :, :T].all()
