@@ -1,0 +1,260 @@
+"""Multi-token prediction heads (DynaMo; Tuli et al., NAACL 2024, arXiv 2405.00888).
+
+The dense decoder is split into a *stem* (embedding + layers 0..L-2) and *head 1* (layer L-1 +
+final norm + unembedding). Heads 2..n are one new decoder layer (same block type as the family)
+plus their own final norm each, applied to the stem output; every head shares the unembedding.
+All heads run in one forward pass: head i at position t models x_{t+i} given x_{<=t}.
+
+Parameter layout (a dense `CausalLM` checkpoint maps in unchanged):
+`embed/embedding`, `layers/...` [L, ...] (or `layers_{i}/...` unrolled), `final_norm/...`,
+`unembed/kernel` (absent when tied), and new `heads/layer/...`, `heads/norm/...` stacked
+[n-1, ...] ([n-1, depth, ...] for the `head_depth` ablation).
+
+Gradient from heads 2..n into the stem is scaled by `stem_grad_scale` (LR_MB / LR_B = 0.1 in the
+paper) with `grad_scale`, an identity whose backward multiplies the cotangent.
+
+Dimension legend: n heads, B batch, T length, D width, V vocab, S cache slots, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdyn.model.config import ConfigError, ModelConfig
+from jaxdyn.model.layers import dtype_of, make_norm, param_init
+from jaxdyn.model.lm import Unembed, remat_policy
+from jaxdyn.model.transformer import DecoderLayer, constrain, init_layer_cache
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def grad_scale(x: Any, s: float) -> Any:
+    """Identity in the forward pass; the backward pass returns `s * g` (DynaMo's LR_MB)."""
+    return x
+
+
+def _gs_fwd(x, s):
+    return x, None
+
+
+def _gs_bwd(s, _, g):
+    return (jax.tree.map(lambda t: (t * s).astype(t.dtype), g),)
+
+
+grad_scale.defvjp(_gs_fwd, _gs_bwd)
+
+
+@flax.struct.dataclass
+class MTPOutput:
+    hidden: jax.Array  # [n, B, T, D] per-head states after each head's final norm
+    unembed: jax.Array  # [D, V] shared output projection (embedding.T when tied)
+    cache: Any  # {"index", "layers", "heads"} or None
+    aux: Any
+
+    def logits(self) -> jax.Array:
+        """[n, B, T, V] fp32 (decoding only; training uses chunked cross-entropy)."""
+        return jnp.einsum("nbtd,dv->nbtv", self.hidden, self.unembed.astype(self.hidden.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class _TapLayer(DecoderLayer):
+    """A decoder layer whose scan carry also keeps the output of layer `tap` (the stem)."""
+
+    tap: int = 0
+
+    def __call__(self, carry, cache, ctx, idx):
+        x_BTD, stem_BTD = carry
+        y_BTD, (cache, aux) = super().__call__(x_BTD, cache, ctx)
+        return (y_BTD, jnp.where(idx == self.tap, y_BTD, stem_BTD)), (cache, aux)
+
+
+class ExtraHead(nn.Module):
+    """Head i >= 2: `depth` new decoder layers on the stem output, then its own final norm."""
+
+    cfg: ModelConfig
+    depth: int = 1
+
+    @nn.compact
+    def __call__(self, h_BTD: jax.Array, cache: Any, ctx: dict[str, Any]):
+        if self.depth == 1:
+            h_BTD, (cache, _) = DecoderLayer(self.cfg, name="layer")(h_BTD, cache, ctx)
+        else:
+            stack = nn.scan(DecoderLayer, variable_axes={"params": 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(0, nn.broadcast), length=self.depth,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            h_BTD, (cache, _) = stack(self.cfg, name="layer")(h_BTD, cache, ctx)
+        return make_norm(self.cfg, "norm")(h_BTD), cache
+
+
+class MultiTokenLM(nn.Module):
+    """Dense decoder with n prediction heads. `apply({"params": p}, tokens_BT) -> MTPOutput`."""
+
+    cfg: ModelConfig
+    n_heads: int = 3
+    head_depth: int = 1
+    stem_grad_scale: float = 0.1  # LR_MB / LR_B
+
+    @nn.compact
+    def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+                 segment_ids_BT: jax.Array | None = None, cache: dict | None = None) -> MTPOutput:
+        cfg, L = self.cfg, self.cfg.num_layers
+        check_mtp_config(cfg, self.n_heads, self.head_depth)
+        B, T = tokens_BT.shape
+        dt = dtype_of(cfg.dtype)
+        if T > cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        index = None if cache is None else cache["index"]
+        if positions_BT is None:
+            start = 0 if index is None else index
+            positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        ctx = {"pos_BT": positions_BT, "seg_BT": segment_ids_BT, "index": index}
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt,
+                         param_dtype=dtype_of(cfg.param_dtype),
+                         embedding_init=param_init(("vocab", "embed")), name="embed")
+        x_BTD = constrain(embed(tokens_BT).astype(dt))
+
+        layer_cache = None if cache is None else cache["layers"]
+        if cfg.scan_layers:
+            unit = _TapLayer
+            if cfg.remat_policy != "none":
+                unit = nn.remat(unit, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
+            stack = nn.scan(unit, variable_axes={"params": 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(0, nn.broadcast, 0), length=L,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            (x_BTD, stem_BTD), (layer_cache, aux) = stack(cfg, tap=L - 2, name="layers")(
+                (x_BTD, x_BTD), layer_cache, ctx, jnp.arange(L))
+        else:
+            unit = DecoderLayer
+            if cfg.remat_policy != "none":
+                unit = nn.remat(unit, policy=remat_policy(cfg.remat_policy), prevent_cse=True)
+            outs = []
+            for i in range(L):
+                c_i = None if layer_cache is None else jax.tree.map(lambda a, i=i: a[i],
+                                                                    layer_cache)
+                x_BTD, out_i = unit(cfg, name=f"layers_{i}")(x_BTD, c_i, ctx)
+                outs.append(out_i)
+                if i == L - 2:
+                    stem_BTD = x_BTD
+            layer_cache, aux = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+        h1_BTD = make_norm(cfg, "final_norm")(x_BTD)
+        w_DV = embed.embedding.T if cfg.tie_embeddings else Unembed(cfg, name="unembed")()
+        hidden_nBTD = h1_BTD[None]
+        head_cache = None
+        if self.n_heads > 1:
+            heads = nn.vmap(ExtraHead, variable_axes={"params": 0},
+                            split_rngs={"params": True, "dropout": True},
+                            in_axes=(None, 0, None), out_axes=0, axis_size=self.n_heads - 1,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            h_in = grad_scale(stem_BTD, self.stem_grad_scale)
+            hx_nBTD, head_cache = heads(cfg, self.head_depth, name="heads")(
+                h_in, None if cache is None else cache["heads"], ctx)
+            hidden_nBTD = jnp.concatenate([hidden_nBTD, hx_nBTD.astype(h1_BTD.dtype)], axis=0)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"index": cache["index"] + T, "layers": layer_cache, "heads": head_cache}
+        return MTPOutput(hidden=hidden_nBTD, unembed=w_DV, cache=new_cache, aux=aux)
+
+
+def check_mtp_config(cfg: ModelConfig, n_heads: int, head_depth: int = 1) -> None:
+    if cfg.arch != "dense":
+        raise ConfigError(f"multi-token heads need arch='dense', got {cfg.arch!r}")
+    if cfg.num_layers < 2:
+        raise ConfigError("multi-token heads need num_layers >= 2 (stem + head-1 layer)")
+    if n_heads < 1 or head_depth < 1:
+        raise ConfigError(f"n_heads={n_heads} and head_depth={head_depth} must be >= 1")
+
+
+def init_mtp_params(cfg: ModelConfig, n_heads: int, rng: jax.Array, head_depth: int = 1,
+                    seq_len: int = 8) -> dict:
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return nn.unbox(MultiTokenLM(cfg, n_heads, head_depth).init(rng, tokens)["params"])
+
+
+def init_mtp_cache(cfg: ModelConfig, n_heads: int, batch: int, max_len: int,
+                   head_depth: int = 1, dtype=None) -> dict:
+    """Explicit KV caches: stem/head-1 layers [L, ...], extra heads [n-1, (depth,) ...]."""
+    one = init_layer_cache(cfg, batch, max_len, dtype or dtype_of(cfg.dtype))
+    stack = lambda lead: jax.tree.map(lambda a: jnp.broadcast_to(a, (*lead, *a.shape)).copy(), one)
+    heads = None
+    if n_heads > 1:
+        heads = stack((n_heads - 1,) if head_depth == 1 else (n_heads - 1, head_depth))
+    return {"index": jnp.zeros((), jnp.int32), "layers": stack((cfg.num_layers,)),
+            "heads": heads}
+
+
+def dense_params_of(params: dict) -> dict:
+    """The head-1 path as a plain `CausalLM` parameter tree (drops `heads`)."""
+    return {k: v for k, v in params.items() if k != "heads"}
+
+
+@dataclasses.dataclass
+class HeadsReport:
+    copied: list[str]  # dense tensors placed unchanged
+    new: list[str]  # randomly initialised (or copied from the last layer) head tensors
+    dense_params: int
+    extra_params: int
+
+    @property
+    def overhead(self) -> float:
+        return self.extra_params / self.dense_params
+
+
+def _paths(tree) -> dict[str, Any]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in flat}
+
+
+def from_dense(dense_cfg: ModelConfig, dense_params: dict, n_heads: int, rng: jax.Array,
+               head_depth: int = 1, init_from_last_layer: bool = False
+               ) -> tuple[dict, HeadsReport]:
+    """MTP parameters from a dense checkpoint: every dense tensor is consumed unchanged; heads
+    2..n are random (family init, norms 1/0) or, with `init_from_last_layer` (the paper's "C"
+    ablation), copies of layer L-1."""
+    check_mtp_config(dense_cfg, n_heads, head_depth)
+    fresh = init_mtp_params(dense_cfg, n_heads, rng, head_depth)
+    want, have = _paths(dense_params_of(fresh)), _paths(dense_params)
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+        raise ValueError(f"dense checkpoint does not match the MTP stem: missing {missing[:4]}, "
+                         f"unused {extra[:4]} (scan_layers/tie_embeddings must agree)")
+    for k, v in want.items():
+        if tuple(have[k].shape) != tuple(v.shape):
+            raise ValueError(f"{k}: dense shape {have[k].shape} != expected {v.shape}")
+    params = {k: v for k, v in dense_params.items()}
+    if n_heads > 1:
+        heads = fresh["heads"]
+        if init_from_last_layer:
+            if dense_cfg.scan_layers:
+                last = jax.tree.map(lambda a: a[-1], dense_params["layers"])
+            else:
+                last = dense_params[f"layers_{dense_cfg.num_layers - 1}"]
+            lead = (n_heads - 1,) if head_depth == 1 else (n_heads - 1, head_depth)
+            heads = dict(heads, layer=jax.tree.map(
+                lambda a: jnp.broadcast_to(a, (*lead, *a.shape)).copy(), last))
+        params["heads"] = heads
+    new = sorted(_paths({"heads": params.get("heads", {})}))
+    n_dense = sum(int(np.prod(v.shape)) for v in have.values())
+    n_extra = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params.get("heads", {})))
+    return params, HeadsReport(sorted(want), new, n_dense, n_extra)
+
+
+def head_overhead(cfg: ModelConfig, n_heads: int, head_depth: int = 1) -> tuple[int, int]:
+    """(extra, dense) parameter counts from shapes only; extra = (n-1)(block + norm)."""
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    shapes = jax.eval_shape(lambda r, t: MultiTokenLM(cfg, n_heads, head_depth).init(r, t),
+                            jax.random.key(0), tokens)
+    params = nn.unbox(shapes["params"])
+    count = lambda t: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(t))
+    extra = count(params.get("heads", {}))
+    return extra, count(params) - extra
