@@ -1,0 +1,97 @@
+"""Co-occurrence tables: exact counts within documents, run merging, lookup, ratio, CLI."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from jaxdyn.cooccur import CooccurTables, build_tables, encode, main
+
+
+def brute_counts(docs, order):
+    c = Counter()
+    for d in docs:
+        for i in range(len(d) - order + 1):
+            c[tuple(int(t) for t in d[i:i + order])] += 1
+    return c
+
+
+@pytest.fixture(scope="module")
+def docs():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 12, int(rng.integers(1, 40))) for _ in range(60)]
+
+
+@pytest.mark.parametrize("buffer_keys", [7, 1 << 20])  # many small runs vs one run
+def test_counts_match_brute_force_within_documents(tmp_path, docs, buffer_keys):
+    meta = build_tables(docs, 12, tmp_path, max_order=4, buffer_keys=buffer_keys)
+    t = CooccurTables(tmp_path)
+    assert np.array_equal(np.asarray(t.unigram), np.bincount(np.concatenate(docs), minlength=12))
+    for order in (2, 3, 4):
+        ref = brute_counts(docs, order)
+        keys = np.asarray(t.keys[order])
+        assert keys.dtype == np.int64 and np.all(np.diff(keys) > 0)  # sorted, unique
+        grams = np.array(sorted(ref), np.int64)
+        assert np.array_equal(keys, encode(grams, 12))
+        assert np.array_equal(t.count(grams), [ref[tuple(g)] for g in grams])
+        assert meta[f"N{order}"] == sum(ref.values())
+    # A pair that only exists across a document boundary is never counted.
+    cross = (int(docs[0][-1]), int(docs[1][0]))
+    assert t.count(np.array([cross]))[0] == brute_counts(docs, 2)[cross]
+    assert not (tmp_path / "_runs").exists()
+    for f in tmp_path.glob("*.npy"):
+        np.load(f, allow_pickle=False)
+
+
+def test_runs_and_single_pass_give_identical_files(tmp_path, docs):
+    build_tables(docs, 12, tmp_path / "a", buffer_keys=5)
+    build_tables(docs, 12, tmp_path / "b", buffer_keys=1 << 20)
+    for name in ("pairs_keys", "pairs_counts", "triples_keys", "triples_counts"):
+        assert np.array_equal(np.load(tmp_path / "a" / f"{name}.npy"),
+                              np.load(tmp_path / "b" / f"{name}.npy"))
+
+
+def test_ratio_and_mask(tmp_path):
+    docs = [np.array([0, 1, 2, 0, 1]), np.array([3, 3])]
+    build_tables(docs, 5, tmp_path)
+    t = CooccurTables(tmp_path)
+    N1, N2 = 7, 5  # tokens; pairs (0,1),(1,2),(2,0),(0,1),(3,3)
+    p1 = np.array([2, 2, 1, 2, 0]) / N1
+    rho = t.ratio(np.array([[0, 1], [3, 3], [1, 0], [4, 4]]))
+    assert np.allclose(rho[:2], [(2 / N2) / (p1[0] * p1[1]), (1 / N2) / (p1[3] ** 2)])
+    assert rho[2] == 0.0 and rho[3] == 0.0  # unseen pair, unseen tokens
+    assert t.ratio(np.array([[1, 2, 0]]))[0] == pytest.approx((1 / 3) / (p1[1] * p1[2] * p1[0]))
+    assert t.ratio(np.array([[1, 0]]), smoothing=1.0)[0] > 0
+    assert t.count(np.array([[0, 99]]))[0] == 0  # id outside V: absent, no error
+
+
+def test_min_count_prunes(tmp_path):
+    build_tables([np.array([0, 1, 0, 1, 2])], 3, tmp_path, min_count=2)
+    t = CooccurTables(tmp_path)
+    assert np.array_equal(np.asarray(t.keys[2]), encode(np.array([[0, 1]]), 3))
+    assert np.asarray(t.counts[2]).tolist() == [2]
+
+
+def test_cli_jsonl_and_npy(tmp_path, capsys):
+    rows = [[1, 2, 3, 1, 2], [4, 5]]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"tokens": r}) for r in rows))
+    main(["--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "j")])
+    stream = np.array([1, 2, 3, 1, 2, 0, 4, 5], np.int32)  # 0 separates documents
+    np.save(tmp_path / "s.npy", stream)
+    main(["--data", str(tmp_path / "s.npy"), "--doc_sep", "0", "--vocab_size", "6",
+          "--out", str(tmp_path / "n")])
+    capsys.readouterr()
+    a, b = CooccurTables(tmp_path / "j"), CooccurTables(tmp_path / "n")
+    assert a.vocab_size == 6 and a.meta["documents"] == 2 and b.meta["documents"] == 2
+    assert np.array_equal(np.asarray(a.keys[3]), np.asarray(b.keys[3]))
+    assert a.count(np.array([[1, 2], [2, 4]])).tolist() == [2, 0]
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="outside"):
+        build_tables([np.array([0, 7])], 5, tmp_path)
+    with pytest.raises(ValueError, match="too large"):
+        build_tables([np.array([0])], 100_000, tmp_path, max_order=4)
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        CooccurTables(tmp_path / "nothing")
