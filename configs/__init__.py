@@ -1,0 +1,1 @@
+"""Experiment configs: one commented file per experiment, presets chosen by `:preset`."""
