@@ -38,9 +38,9 @@ def test_frozen_params_unchanged_and_groups_scale():
     assert labels["params"]["embed"]["embedding"] == FROZEN
     new = one_step(tc, tree)
     np.testing.assert_array_equal(new["params"]["embed"]["embedding"], params["embed"]["embedding"])
-    d_up = jnp.abs(new["params"]["layers"]["mlp"]["up"]["kernel"] - params["layers"]["mlp"]["up"]["kernel"])
-    d_down = jnp.abs(new["params"]["layers"]["mlp"]["down"]["kernel"]
-                     - params["layers"]["mlp"]["down"]["kernel"])
+    old_mlp, new_mlp = params["layers"]["mlp"], new["params"]["layers"]["mlp"]
+    d_up = jnp.abs(new_mlp["up"]["kernel"] - old_mlp["up"]["kernel"])
+    d_down = jnp.abs(new_mlp["down"]["kernel"] - old_mlp["down"]["kernel"])
     # Adam's first step moves every weight by lr (sign of the gradient): 10x for the group.
     np.testing.assert_allclose(d_down.mean() / d_up.mean(), 10.0, rtol=1e-3)
 
