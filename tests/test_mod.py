@@ -18,11 +18,17 @@ def mod_cfg(**routing):
     return tiny("qwen2", arch="mod", routing=routing, **SMALL)
 
 
-@functools.cache
 def params_for(cfg):
+    """Parameters depend on the layout, not on these routing options: share one init."""
+    return _params(cfg.replace(routing={}))
+
+
+@functools.cache
+def _params(cfg):
     return jax.jit(lambda r: init_params(cfg, r))(jax.random.key(0))
 
 
+@functools.cache
 def fwd(cfg, mode="topk"):
     return jax.jit(lambda p, t, pos=None, seg=None: build(cfg, mode).apply(
         {"params": p}, t, pos, seg))
@@ -83,10 +89,10 @@ def test_gradients_reach_router_but_predictor_is_detached():
     def causal_loss(p):
         return jnp.sum(build(cfg).apply({"params": p}, t).aux["losses"]["causal_router"])
 
-    g = jax.jit(jax.grad(lm_loss))(p)["layers"]
+    g, gc = jax.jit(lambda p: (jax.grad(lm_loss)(p), jax.grad(causal_loss)(p)))(p)
+    g = g["layers"]
     assert float(jnp.abs(g["router"]["w"]).min(axis=-1).min()) > 0  # via the σ(r) gate
     assert float(jnp.abs(g["routed"]["mlp"]["down"]["kernel"]).sum()) > 0
-    gc = jax.jit(jax.grad(causal_loss))(p)
     assert float(jnp.abs(gc["layers"]["predictor"]["fc1"]).sum()) > 0
     trunk = [a for path, a in jax.tree_util.tree_leaves_with_path(gc)
              if "predictor" not in jax.tree_util.keystr(path)]
@@ -124,14 +130,17 @@ def _generate_vs_full(cfg, p, t, prefill):
     return cache
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_kv_cached_generation_equals_causal_forward(scan):
+@pytest.mark.parametrize("scan,B", [(True, 2), (False, 2), (True, 1)])
+def test_kv_cached_generation_equals_causal_forward(scan, B):
+    """B = 1 decodes through `nn.cond` (the block is skipped when d = 0), B = 2 masks."""
     cfg = mod_cfg().replace(scan_layers=scan)
     p = params_for(cfg)
-    t = tokens(T=12)
+    t = tokens(B=B, T=12, seed=3)
     cache = _generate_vs_full(cfg, p, t, prefill=5)
     written = np.asarray(cache["layers"]["routed"]["written"])  # [U, B, S]
     assert np.asarray(cache["layers"]["dense"]["written"])[:, :, :12].all()
+    decode_written = written[:, :, 5:12]
+    assert decode_written.any() and not decode_written.all()  # both branches were taken
     if scan:
         return
     _, state = jax.jit(lambda p, t: build(cfg, routing_mode="causal").apply(

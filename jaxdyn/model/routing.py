@@ -111,8 +111,19 @@ def causal_routed(layer: nn.Module, x_BTD: jax.Array, gate_BT: jax.Array, d_BT: 
 
     Without a cache the keys are restricted to d = 1 tokens through the segment mask; with a
     cache only d = 1 tokens write K/V (`write_BT`), and the `written` flags mask the rest.
+    Decoding one token of one row, `nn.cond` skips the block when d = 0; larger batches
+    compute and mask (shapes stay static).
     """
     sel_BT = d_BT if valid_BT is None else d_BT & valid_BT
+    if cache is not None and x_BTD.shape[:2] == (1, 1):  # batch-1 decode: skip when d = 0
+        def run(mdl, x_BTD, cache):
+            y_BTD, (cache, _) = mdl(x_BTD, cache, ctx, write_BT=sel_BT)
+            return lerp(x_BTD, y_BTD, gate_BT * sel_BT), cache
+
+        def skip(mdl, x_BTD, cache):
+            return x_BTD, skip_slot(cache, ctx["index"])
+
+        return nn.cond(sel_BT[0, 0], run, skip, layer, x_BTD, cache)
     if cache is None:
         seg_BT = ctx.get("seg_BT")
         seg_BT = sel_BT.astype(jnp.int32) if seg_BT is None else jnp.where(sel_BT, seg_BT, 0)
@@ -120,6 +131,14 @@ def causal_routed(layer: nn.Module, x_BTD: jax.Array, gate_BT: jax.Array, d_BT: 
     else:
         y_BTD, (cache, _) = layer(x_BTD, cache, ctx, write_BT=sel_BT)
     return lerp(x_BTD, y_BTD, gate_BT * sel_BT), cache
+
+
+def skip_slot(cache: dict[str, jax.Array], index: jax.Array) -> dict[str, jax.Array]:
+    """The cache after a token that writes nothing: its slot holds zeros, `written` False
+    (exactly what `Attention` stores for `write_BT=False`)."""
+    upd = lambda buf: lax.dynamic_update_slice_in_dim(
+        buf, jnp.zeros((buf.shape[0], 1, *buf.shape[2:]), buf.dtype), index, axis=1)
+    return {name: upd(buf) for name, buf in cache.items()}
 
 
 class CausalPredictor(nn.Module):
