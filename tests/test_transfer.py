@@ -119,3 +119,18 @@ def test_transfer_errors_name_the_offenders():
         dense_to_routed(DENSE, dense_p, cfg.replace(hidden_size=64), jax.random.key(0))
     with pytest.raises(TransferError, match="source must be a dense"):
         dense_to_routed(cfg, dense_p, cfg, jax.random.key(0))
+
+
+@pytest.mark.parametrize("arch", ["mod", "dtf"])
+def test_every_routed_param_has_logical_axes_from_the_rules(arch):
+    import flax.linen as nn
+
+    from jaxdyn.model import abstract_params
+    from jaxdyn.sharding import RULES
+
+    boxed = abstract_params(DENSE.replace(arch=arch))
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda b: isinstance(b, nn.Partitioned))
+    assert leaves and all(isinstance(b, nn.Partitioned) for b in leaves)
+    names = {r for r, _ in RULES}
+    for b in leaves:
+        assert len(b.names) == b.value.ndim and set(b.names) <= names, b.names

@@ -20,6 +20,7 @@ COMMON: dict[str, Any] = {
     "route_every": 2,  # routed-layer pattern: one routed layer per unit of 2 ...
     "route_offset": 1,  # ... at position 1 (MoD: layer 0 always dense)
     "unpaired_last_layer": "error",  # odd num_layers is an error
+    "attend_to": "selected",  # selected tokens attend to selected tokens only (MoD semantics)
 }
 MOD: dict[str, Any] = {
     **COMMON,
@@ -37,6 +38,8 @@ DTF: dict[str, Any] = {
     "ma_window": 100,  # W of the moving average of sg(D_st)
     "ma_padding": "replicate",  # "replicate" the first value | "available" history only
     "causal_router_input": "post",  # "post": P(sg(H_post)) | "pair_input": P(sg(H))
+    "beta_mode": "softplus",  # effective β = softplus(raw β), learnable
+    "prior": "swiglu",  # PriorFFN predicting Δ
 }
 DEFAULTS: dict[str, dict[str, Any]] = {"mod": MOD, "dtf": DTF}
 
@@ -46,6 +49,9 @@ CHOICES: dict[str, tuple] = {
     "route_every": (2,),
     "route_offset": (1,),
     "unpaired_last_layer": ("error",),
+    "attend_to": ("selected",),
+    "beta_mode": ("softplus",),
+    "prior": ("swiglu",),
     "prior_loss_form": ("residual", "thesis"),
     "prior_detach_input": (False, True),
     "ma_padding": ("replicate", "available"),
@@ -58,6 +64,9 @@ WHY_NOT = {  # values the spec names that this release does not implement yet
     "route_every": "units are fixed (dense, routed) superblocks / (decision, dynamic) pairs",
     "route_offset": "units are fixed (dense, routed) superblocks / (decision, dynamic) pairs",
     "unpaired_last_layer": "'dense' needs a trailing dense layer in CausalLM (lm.py)",
+    "attend_to": "'all' (reference fused-kernel comparison) is not implemented",
+    "beta_mode": "'scheduled' (later reference, β as model state) is not implemented",
+    "prior": "'gaussian' (later reference) is not implemented",
 }
 
 

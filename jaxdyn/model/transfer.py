@@ -17,6 +17,7 @@ else `TransferError` lists the offenders. Either layout (scanned `layers/…` [L
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections import Counter
 from typing import Any
@@ -150,6 +151,7 @@ def dense_to_routed(dense_cfg: ModelConfig, dense_params: dict[str, Any],
     if routed_cfg.scan_layers:
         params = stack_layers(params)
     report = TransferReport(loaded=sorted(sources), sources=sources, new=sorted(new))
+    logging.getLogger(__name__).info("dense -> %s transfer: %s", arch, report)
     return params, report
 
 
