@@ -1,0 +1,149 @@
+"""Packing token documents into fixed [B, T] rows: deterministic, resumable, per-process."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxdyn.data.errors import DataConfigError, EmptyDatasetError
+
+STATE_VERSION = 1
+
+
+def check_shape(seq_len: int, batch_size: int) -> None:
+    if seq_len < 2:
+        raise DataConfigError(f"seq_len={seq_len} is too short: next-token training needs at "
+                              "least 2 tokens per row; raise train.seq_len")
+    if batch_size < 1:
+        raise DataConfigError(f"batch_size={batch_size} must be >= 1; raise train.batch_size")
+
+
+class PackedIterator:
+    """Infinite iterator of packed batches over this process's documents.
+
+    Each epoch visits the process's documents (global index % process_count ==
+    process_index) once, in a fresh order drawn from (seed, epoch) when `shuffle`. Rows are
+    filled with consecutive documents; every document (or piece of one) is its own segment
+    (ids 1, 2, ... within a row, 0 = padding) and its positions restart at 0. A document that
+    would fit in an empty row but not in the current row's space starts the next row (the
+    rest is padding); longer documents fill the current row and continue in the next rows
+    as new segments. The last row of an epoch is padded, so epochs never share a row.
+
+    Labels are NOT shifted here: "tokens" are both inputs and targets; the loss shifts once
+    (`jaxdyn.loss.shifted_targets`) and drops targets that cross a segment boundary.
+    """
+
+    def __init__(self, token_docs: list[np.ndarray], *, seq_len: int, batch_size: int,
+                 seed: int, process_index: int = 0, process_count: int = 1,
+                 shuffle: bool = True, pad_id: int = 0) -> None:
+        check_shape(seq_len, batch_size)
+        if not 0 <= process_index < process_count:
+            raise DataConfigError(f"process_index={process_index} must be in [0, "
+                                  f"process_count={process_count})")
+        self.docs = token_docs
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, int(seed)
+        self.shuffle, self.pad_id = shuffle, pad_id
+        self.process_index, self.process_count = process_index, process_count
+        self.local = np.array([i for i in range(process_index, len(token_docs), process_count)
+                               if len(token_docs[i])], dtype=np.int64)
+        if not len(self.local):
+            raise EmptyDatasetError(
+                f"process {process_index} of {process_count} has no documents ({len(token_docs)}"
+                " in total); use more data (data.max_documents=0) or fewer processes")
+        self._epoch, self._doc, self._offset = 0, 0, 0
+        self._order_epoch, self._order = -1, self.local
+
+    # ------------------------------------------------------------------ order and state
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Global document indices in the order epoch `epoch` visits them."""
+        if not self.shuffle:
+            return self.local
+        rng = np.random.default_rng([self.seed, epoch])
+        return self.local[rng.permutation(len(self.local))]
+
+    def _current_order(self) -> np.ndarray:
+        if self._order_epoch != self._epoch:
+            self._order, self._order_epoch = self.epoch_order(self._epoch), self._epoch
+        return self._order
+
+    def state(self) -> dict:
+        """JSON-able position: the next row starts at (epoch, doc, offset)."""
+        return {"version": STATE_VERSION, "epoch": self._epoch, "doc": self._doc,
+                "offset": self._offset, "seed": self.seed, "num_docs": int(len(self.local)),
+                "seq_len": self.seq_len, "process_index": self.process_index,
+                "process_count": self.process_count}
+
+    def restore(self, state: dict) -> None:
+        """Continue exactly where `state()` was taken (same data, seed and sharding)."""
+        mine = self.state()
+        for k in ("version", "seed", "num_docs", "seq_len", "process_index", "process_count"):
+            if state.get(k) != mine[k]:
+                raise ValueError(f"data iterator state has {k}={state.get(k)!r} but this "
+                                 f"iterator has {mine[k]!r}; resume with the same data, "
+                                 "tokenizer, seed, seq_len and process layout")
+        if not (0 <= state["doc"] < len(self.local) and state["offset"] >= 0):
+            raise ValueError(f"data iterator state {state} is out of range")
+        self._epoch, self._doc, self._offset = int(state["epoch"]), int(state["doc"]), int(
+            state["offset"])
+
+    # ------------------------------------------------------------------ packing
+
+    def next_row(self, tokens: np.ndarray, positions: np.ndarray, segs: np.ndarray) -> None:
+        """Fill one row in place (the arrays arrive set to padding) and advance."""
+        T, filled, seg = self.seq_len, 0, 0
+        order = self._current_order()
+        while filled < T:
+            if self._doc == len(order):
+                if filled:
+                    break
+                self._epoch, self._doc, self._offset = self._epoch + 1, 0, 0
+                order = self._current_order()
+                continue
+            doc = self.docs[order[self._doc]]
+            rest, space = len(doc) - self._offset, T - filled
+            if space < rest <= T and filled:
+                break  # fits in a fresh row: do not split it
+            n = min(rest, space)
+            seg += 1
+            tokens[filled:filled + n] = doc[self._offset:self._offset + n]
+            positions[filled:filled + n] = np.arange(n)
+            segs[filled:filled + n] = seg
+            filled += n
+            self._offset += n
+            if self._offset == len(doc):
+                self._doc, self._offset = self._doc + 1, 0
+        if self._doc == len(order):  # normalise: the next row starts the next epoch
+            self._epoch, self._doc, self._offset = self._epoch + 1, 0, 0
+
+    def empty_batch(self, rows: int) -> dict[str, np.ndarray]:
+        shape = (rows, self.seq_len)
+        return {"tokens": np.full(shape, self.pad_id, np.int32),
+                "positions": np.zeros(shape, np.int32), "segment_ids": np.zeros(shape, np.int32)}
+
+    def __iter__(self) -> PackedIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        """int32 [B, T] "tokens", "positions", "segment_ids"."""
+        b = self.empty_batch(self.batch_size)
+        for r in range(self.batch_size):
+            self.next_row(b["tokens"][r], b["positions"][r], b["segment_ids"][r])
+        return b
+
+    def one_pass(self, max_batches: int = 0) -> list[dict[str, np.ndarray]]:
+        """Batches covering every document once, in order, from the start of epoch 0; the
+        last batch is padded with empty rows (segment 0). At most `max_batches` if > 0."""
+        saved = self.state()
+        self._epoch, self._doc, self._offset = 0, 0, 0
+        out = []
+        try:
+            while self._epoch == 0 and (max_batches <= 0 or len(out) < max_batches):
+                b = self.empty_batch(self.batch_size)
+                for r in range(self.batch_size):
+                    if self._epoch:
+                        break
+                    self.next_row(b["tokens"][r], b["positions"][r], b["segment_ids"][r])
+                out.append(b)
+        finally:
+            self.restore(saved)
+        return out
