@@ -200,6 +200,30 @@ class CooccurTables:
         return np.where(denom > 0, p_n / np.where(denom > 0, denom, 1.0), 0.0)
 
 
+    def grid_ratio(self, ids_nk: np.ndarray, smoothing: float = 0.0) -> np.ndarray:
+        """ρ over the Cartesian grid of n id lists ([k]*n), = `ratio` of every tuple.
+
+        Without smoothing, only tuples whose adjacent pairs are all seen are looked up (a seen
+        n-gram implies seen sub-pairs), which keeps a 50^3 grid to a few lookups.
+        """
+        ids = np.asarray(ids_nk, np.int64)
+        n, k = ids.shape
+        grids = np.meshgrid(*ids, indexing="ij")
+        tuples = np.stack(grids, axis=-1).reshape(-1, n)
+        if smoothing > 0 or n == 2:
+            return self.ratio(tuples, smoothing).reshape((k,) * n)
+        ok = np.ones((k,) * n, bool)
+        for j in range(n - 1):
+            pair = np.stack(np.meshgrid(ids[j], ids[j + 1], indexing="ij"), -1).reshape(-1, 2)
+            seen = (self.count(pair) > 0).reshape(k, k)
+            shape = [1] * n
+            shape[j], shape[j + 1] = k, k
+            ok &= seen.reshape(shape)
+        flat_ok = ok.reshape(-1)
+        out = np.zeros(len(tuples))
+        out[flat_ok] = self.ratio(tuples[flat_ok])
+        return out.reshape((k,) * n)
+
 # ----------------------------------------------------------------------------- CLI
 
 

@@ -152,18 +152,38 @@ class MultiTokenLM(nn.Module):
         hidden_nBTD = h1_BTD[None]
         head_cache = None
         if self.n_heads > 1:
-            heads = nn.vmap(ExtraHead, variable_axes={"params": 0},
-                            split_rngs={"params": True, "dropout": True},
-                            in_axes=(None, 0, None), out_axes=0, axis_size=self.n_heads - 1,
-                            metadata_params={nn.PARTITION_NAME: "layers"})
             h_in = grad_scale(stem_BTD, self.stem_grad_scale)
-            hx_nBTD, head_cache = heads(cfg, self.head_depth, name="heads")(
+            hx_nBTD, head_cache = extra_heads(cfg, self.n_heads, self.head_depth, "heads")(
                 h_in, None if cache is None else cache["heads"], ctx)
             hidden_nBTD = jnp.concatenate([hidden_nBTD, hx_nBTD.astype(h1_BTD.dtype)], axis=0)
         new_cache = None
         if cache is not None:
             new_cache = {"index": cache["index"] + T, "layers": layer_cache, "heads": head_cache}
         return MTPOutput(hidden=hidden_nBTD, unembed=w_DV, cache=new_cache, aux=aux)
+
+
+def extra_heads(cfg: ModelConfig, n_heads: int, head_depth: int, name: str | None = None):
+    """Heads 2..n as one module vmapped over a leading [n-1] parameter/cache axis."""
+    stacked = nn.vmap(ExtraHead, variable_axes={"params": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(None, 0, None), out_axes=0, axis_size=n_heads - 1,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return stacked(cfg, head_depth, name=name)
+
+
+@functools.lru_cache(maxsize=8)
+def _heads_init(cfg: ModelConfig, n_heads: int, head_depth: int):
+    def init(rng):
+        x = jnp.zeros((1, 8, cfg.hidden_size), dtype_of(cfg.dtype))
+        ctx = {"pos_BT": jnp.zeros((1, 8), jnp.int32), "seg_BT": None, "index": None}
+        return nn.unbox(extra_heads(cfg, n_heads, head_depth).init(rng, x, None, ctx)["params"])
+    return jax.jit(init)
+
+
+def init_extra_heads(cfg: ModelConfig, n_heads: int, rng: jax.Array, head_depth: int = 1
+                     ) -> dict:
+    """Random parameters of heads 2..n alone (no second copy of the dense model)."""
+    return _heads_init(cfg, n_heads, head_depth)(rng)
 
 
 def check_mtp_config(cfg: ModelConfig, n_heads: int, head_depth: int = 1) -> None:
@@ -177,8 +197,8 @@ def check_mtp_config(cfg: ModelConfig, n_heads: int, head_depth: int = 1) -> Non
 
 def init_mtp_params(cfg: ModelConfig, n_heads: int, rng: jax.Array, head_depth: int = 1,
                     seq_len: int = 8) -> dict:
-    tokens = jnp.zeros((1, seq_len), jnp.int32)
-    return nn.unbox(MultiTokenLM(cfg, n_heads, head_depth).init(rng, tokens)["params"])
+    init = jax.jit(MultiTokenLM(cfg, n_heads, head_depth).init)
+    return nn.unbox(init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"])
 
 
 def init_mtp_cache(cfg: ModelConfig, n_heads: int, batch: int, max_len: int,
@@ -222,8 +242,10 @@ def from_dense(dense_cfg: ModelConfig, dense_params: dict, n_heads: int, rng: ja
     2..n are random (family init, norms 1/0) or, with `init_from_last_layer` (the paper's "C"
     ablation), copies of layer L-1."""
     check_mtp_config(dense_cfg, n_heads, head_depth)
-    fresh = init_mtp_params(dense_cfg, n_heads, rng, head_depth)
-    want, have = _paths(dense_params_of(fresh)), _paths(dense_params)
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    shapes = jax.eval_shape(lambda r, t: MultiTokenLM(dense_cfg, n_heads, head_depth).init(r, t),
+                            jax.random.key(0), tokens)
+    want, have = _paths(dense_params_of(nn.unbox(shapes["params"]))), _paths(dense_params)
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     if missing or extra:
         raise ValueError(f"dense checkpoint does not match the MTP stem: missing {missing[:4]}, "
@@ -233,7 +255,7 @@ def from_dense(dense_cfg: ModelConfig, dense_params: dict, n_heads: int, rng: ja
             raise ValueError(f"{k}: dense shape {have[k].shape} != expected {v.shape}")
     params = {k: v for k, v in dense_params.items()}
     if n_heads > 1:
-        heads = fresh["heads"]
+        heads = init_extra_heads(dense_cfg, n_heads, rng, head_depth)
         if init_from_last_layer:
             if dense_cfg.scan_layers:
                 last = jax.tree.map(lambda a: a[-1], dense_params["layers"])
