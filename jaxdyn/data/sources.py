@@ -85,6 +85,8 @@ def _local(source: str, field: str, max_documents: int, cache_dir: str) -> list[
     docs: list[str] = []
     by_builder: dict[str, list[str]] = {}
     for f in files:
+        if os.path.getsize(f) == 0:
+            continue  # `datasets` cannot infer a schema from an empty file
         by_builder.setdefault(BUILDERS[os.path.splitext(f)[1].lower()], []).append(f)
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
