@@ -181,7 +181,7 @@ def _special_ids(tok, directory: str) -> dict:
         cfg = _read_json(os.path.join(directory, name))
         if out["eos_id"] is None:
             out["eos_id"] = _token_id(None, cfg.get("eos_token_id"))
-        if out["bos_id"] is None and tc.get("add_bos_token"):
+        if out["bos_id"] is None:
             out["bos_id"] = _token_id(None, cfg.get("bos_token_id"))
     if out["eos_id"] is None:
         out["eos_id"] = next((i for i in map(tok.token_to_id, _EOS_GUESSES) if i is not None),
@@ -189,8 +189,11 @@ def _special_ids(tok, directory: str) -> dict:
     if out["eos_id"] is None:
         raise ValueError(f"tokenizer in {directory!r} names no end-of-text token; add "
                          f"{META_FILE} with an eos_id or an eos_token in tokenizer_config.json")
-    if not tc.get("add_bos_token", False):
-        out["bos_id"] = None  # e.g. Qwen: bos_token is listed but never prepended
+    adds_bos = tc.get("add_bos_token")
+    if adds_bos is None and out["bos_id"] is not None:  # e.g. Llama 3: the post-processor
+        adds_bos = tok.encode("a", add_special_tokens=True).ids[:1] == [out["bos_id"]]
+    if not adds_bos:
+        out["bos_id"] = None  # e.g. Qwen: a bos token may be listed but is never prepended
     return out
 
 

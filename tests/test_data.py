@@ -306,3 +306,20 @@ def test_load_hf_tokenizer_folder(tmp_path):
     (tmp_path / "bare").mkdir()
     with pytest.raises(TokenizerNotFoundError, match="bare"):
         load_tokenizer(str(tmp_path / "bare"))
+
+
+def test_hf_folder_bos_from_post_processor(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    hf = Tokenizer(models.WordLevel({"<unk>": 0, "<bos>": 1, "<eos>": 2, "a": 3},
+                                    unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.add_special_tokens(["<bos>", "<eos>"])
+    hf.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                      special_tokens=[("<bos>", 1)])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    tok = load_tokenizer(str(tmp_path))
+    assert (tok.bos_id, tok.eos_id) == (1, 2) and tok.encode("a a") == [3, 3]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    assert load_tokenizer(str(tmp_path)).bos_id is None

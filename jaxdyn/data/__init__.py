@@ -49,7 +49,10 @@ _DOC_CACHE: dict[tuple, tuple[list[str], list[str]]] = {}
 
 
 def load_documents(cfg: DataConfig, split: str) -> list[str]:
-    """Documents of "train" or "validation": a deterministic split by a hash of each text."""
+    """Documents of "train" or "validation": a deterministic split by a hash of each text.
+
+    The last source read is memoised per process (re-read after changing its files by
+    passing another config, or `_DOC_CACHE.clear()`)."""
     if split not in ("train", "validation"):
         raise ValueError(f"split must be 'train' or 'validation', not {split!r}")
     key = (cfg.source, cfg.text_field, cfg.val_fraction, cfg.max_documents, cfg.cache_dir)
