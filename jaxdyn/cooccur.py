@@ -208,21 +208,25 @@ class CooccurTables:
         """
         ids = np.asarray(ids_nk, np.int64)
         n, k = ids.shape
-        grids = np.meshgrid(*ids, indexing="ij")
-        tuples = np.stack(grids, axis=-1).reshape(-1, n)
-        if smoothing > 0 or n == 2:
+        if smoothing > 0:
+            tuples = np.stack(np.meshgrid(*ids, indexing="ij"), axis=-1).reshape(-1, n)
             return self.ratio(tuples, smoothing).reshape((k,) * n)
         ok = np.ones((k,) * n, bool)
         for j in range(n - 1):
             pair = np.stack(np.meshgrid(ids[j], ids[j + 1], indexing="ij"), -1).reshape(-1, 2)
-            seen = (self.count(pair) > 0).reshape(k, k)
             shape = [1] * n
             shape[j], shape[j + 1] = k, k
-            ok &= seen.reshape(shape)
-        flat_ok = ok.reshape(-1)
-        out = np.zeros(len(tuples))
-        out[flat_ok] = self.ratio(tuples[flat_ok])
-        return out.reshape((k,) * n)
+            ok = ok & (self.count(pair) > 0).reshape(shape)
+        idx = np.nonzero(ok)
+        tuples = np.stack([ids[h][idx[h]] for h in range(n)], axis=-1)
+        out = np.zeros((k,) * n)
+        if len(tuples):
+            p_n = self.count(tuples) / self.totals[n]
+            denom = np.ones(len(tuples))
+            for h in range(n):  # unigram marginals looked up once per head (k ids)
+                denom *= (self.count(ids[h][:, None]) / self.totals[1])[idx[h]]
+            out[idx] = np.where(denom > 0, p_n / np.where(denom > 0, denom, 1.0), 0.0)
+        return out
 
 # ----------------------------------------------------------------------------- CLI
 
@@ -271,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--data", nargs="+", required=True,
                     help="files/folders (.jsonl, .npy, text) or 'builtin'")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--vocab_size", type=int, help="default: max id + 1 (256 for text)")
+    ap.add_argument("--vocab_size", type=int,
+                    help="default: max id + 1 (256 for text, 258 for builtin)")
     ap.add_argument("--max_order", type=int, default=3, choices=(2, 3, 4))
     ap.add_argument("--doc_sep", type=int, help="separator id splitting a 1-D .npy stream")
     ap.add_argument("--pad_id", type=int, help="id dropped from rows of a 2-D .npy")
@@ -281,7 +286,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     docs = lambda: iter_docs(args.data, args.doc_sep, args.pad_id)
     V = args.vocab_size
-    if V is None:
+    if V is None and all(p == "builtin" for p in args.data):
+        V = 258  # the byte tokenizer of jaxdyn.tokenizer (bytes, EOS, PAD)
+    elif V is None:
         V = max(int(d.max()) + 1 for d in docs() if d.size)
         V = max(V, 256) if all(Path(p).suffix not in (".jsonl", ".npy") for p in args.data) else V
     meta = build_tables(docs(), V, args.out, args.max_order, args.buffer, args.min_count,

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import sysconfig
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -133,12 +131,17 @@ def markov_corpus(vocab: int = 64, n_docs: int = 200, doc_len: tuple[int, int] =
     return docs, trans
 
 
-def builtin_docs(max_docs: int = 400, max_len: int = 4096) -> list[np.ndarray]:
-    """The built-in corpus: the running interpreter's standard library, as byte tokens (V=256)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.glob("*.py") if p.is_file())[:max_docs]
-    docs = [np.frombuffer(p.read_bytes()[:max_len], np.uint8).astype(np.int32) for p in files]
-    return [d for d in docs if len(d) > 8]
+def builtin_docs(max_docs: int = 400, max_len: int = 4096, split: str = "train"
+                 ) -> list[np.ndarray]:
+    """The built-in corpus (`jaxdyn.data`, this interpreter's stdlib sources) as byte tokens
+    (V = 258, each document cut to `max_len` and ended by EOS = 256)."""
+    from jaxdyn.data import DataConfig, load_documents
+    from jaxdyn.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    texts = load_documents(DataConfig(max_documents=max_docs), split)
+    return [np.r_[d[:max_len - 1], tok.eos_id].astype(np.int32)
+            for d in tok.encode_batch(texts) if len(d) > 8]
 
 
 def pack(docs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:

@@ -84,12 +84,15 @@ def joint_grid(ids_nk: np.ndarray, f_nk: np.ndarray, tables: CooccurTables,
         g = g * f_nk[h].astype(np.float64).reshape(shape)
     g = g * tables.grid_ratio(ids_nk, opts.smoothing) ** opts.alpha_c
     if opts.repetition_penalty != 1.0:
-        grids = np.meshgrid(*ids_nk, indexing="ij")
         bad = np.zeros(g.shape, bool)
         for a in range(n):
-            bad |= np.isin(grids[a], recent)
+            shape = [1] * n
+            shape[a] = k
+            bad = bad | np.isin(ids_nk[a], recent).reshape(shape)
             for b in range(a + 1, n):
-                bad |= grids[a] == grids[b]
+                shape_ab = [1] * n
+                shape_ab[a], shape_ab[b] = k, k
+                bad = bad | (ids_nk[a][:, None] == ids_nk[b][None, :]).reshape(shape_ab)
         g = np.where(bad, g / opts.repetition_penalty, g)
     return g
 
@@ -99,7 +102,10 @@ def select(ids_nk: np.ndarray, f_nk: np.ndarray, fallback: int, tables: CooccurT
            ) -> tuple[list[int], dict]:
     """Tokens to emit for one row and what happened (`n`, `backoffs`)."""
     backoffs = 0
-    for n in range(min(opts.n_max, ids_nk.shape[0]), 1, -1):
+    n_top = min(opts.n_max, ids_nk.shape[0])
+    if opts.mode == "ours" and opts.threshold >= 1.0:  # renormalised J <= 1: nothing survives
+        return [int(fallback)], {"n": 1, "backoffs": max(n_top - 1, 0)}
+    for n in range(n_top, 1, -1):
         J = joint_grid(ids_nk[:n], f_nk[:n], tables, opts, recent)
         tau = opts.threshold ** (n - 1)
         if opts.mode == "paper":

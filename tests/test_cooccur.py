@@ -1,5 +1,6 @@
 """Co-occurrence tables: exact counts within documents, run merging, lookup, ratio, CLI."""
 
+import itertools
 import json
 from collections import Counter
 
@@ -95,3 +96,14 @@ def test_clear_errors(tmp_path):
         build_tables([np.array([0])], 100_000, tmp_path, max_order=4)
     with pytest.raises(FileNotFoundError, match="meta.json"):
         CooccurTables(tmp_path / "nothing")
+
+
+def test_grid_ratio_equals_ratio_of_every_tuple(tmp_path, docs):
+    build_tables(docs, 12, tmp_path)
+    t = CooccurTables(tmp_path)
+    ids = np.array([[0, 3, 5, 11], [1, 2, 3, 4], [7, 0, 9, 2]])
+    tuples = np.array(list(itertools.product(*ids)))
+    for smoothing in (0.0, 0.5):
+        ref = t.ratio(tuples, smoothing).reshape(4, 4, 4)
+        assert np.allclose(t.grid_ratio(ids, smoothing), ref, rtol=1e-12, atol=0)
+    assert t.grid_ratio(ids[:2]).shape == (4, 4)
