@@ -1,14 +1,17 @@
 """All orbax-checkpoint code lives here (JAX practices spec §7).
 
-- `save_params`/`load_params`: parameter-only checkpoints (conversion output, exports).
-- `Checkpointer`: training state + data-iterator state + run metadata per step, kept K at a
-  time, async; orbax writes to a temporary folder and commits by rename, so a save killed
-  half-way never hides the previous good step (`latest_step` skips incomplete ones).
-- `load_model`: (ModelConfig, params, tokenizer folder) from a training workdir or an import.
+- `save_params` / `load_params` / `params_shapes`: parameter-only checkpoints (conversion output,
+  exports) and their shapes without reading any array.
+- `Checkpointer`: per step `{state, data, meta}` (training state, data-iterator state, run
+  metadata), newest K kept, async. orbax writes `<step>.orbax-checkpoint-tmp` and commits by
+  rename, so a save killed half-way never hides the previous step (`latest_step` skips it).
+- `load_model`: (ModelConfig, params, tokenizer folder) from an import or a training workdir.
+Nothing here pickles: arrays go to tensorstore, the rest to JSON.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -16,6 +19,13 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxdyn.model import ModelConfig
+
+STATE, DATA, META = "state", "data", "meta"
+
+
+def _quiet_orbax() -> None:
+    # Reading one item of a step folder logs a harmless "metadata file does not exist".
+    logging.getLogger("absl").setLevel(max(logging.getLogger("absl").level, logging.ERROR))
 
 
 def save_params(path: str, params: Any) -> None:
@@ -38,6 +48,13 @@ def load_params(path: str, target: Any | None = None) -> Any:
         return ckptr.restore(path, abstract)
 
 
+def params_shapes(path: str) -> Any:
+    """Tree of `jax.ShapeDtypeStruct` of a parameter checkpoint, reading no array data."""
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(os.path.abspath(path)).item_metadata.tree
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta)
+
+
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` for `{state, data, meta}` per step."""
 
@@ -48,26 +65,48 @@ class Checkpointer:
         self.mngr = ocp.CheckpointManager(self.directory, options=opts)
 
     def latest_step(self) -> int | None:
+        """Newest committed step (uncommitted `*.orbax-checkpoint-tmp` folders are ignored)."""
         return self.mngr.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return list(self.mngr.all_steps())
+
     def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
-        self.mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        self.mngr.save(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data_state),
+            META: ocp.args.JsonSave(meta)}), force=True)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process once any of them got a preemption notice (multi-host)."""
+        return bool(self.mngr.reached_preemption(step))
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-        """State onto the shapes/dtypes/shardings of `abstract_state` (any mesh)."""
+        """State onto the shapes/dtypes/shardings of `abstract_state` (arrays or
+        ShapeDtypeStructs, any mesh), plus the iterator state and the metadata."""
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        out = self.mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
-            meta=ocp.args.JsonRestore()))
-        return out.state, out.data, out.meta
+        out = self.mngr.restore(step, args=ocp.args.Composite(**{
+            STATE: ocp.args.StandardRestore(target), DATA: ocp.args.JsonRestore(),
+            META: ocp.args.JsonRestore()}))
+        return out[STATE], out[DATA], out[META]
 
-    def restore_params(self, step: int) -> Any:
-        """Only the model parameters of a step (for inference), without optimizer targets."""
-        out = self.mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore()))
-        return out.state["params"]["params"]
+    def restore_meta(self, step: int) -> dict:
+        return self.mngr.restore(step, args=ocp.args.Composite(**{
+            META: ocp.args.JsonRestore()}))[META]
+
+    def restore_params(self, step: int) -> tuple[Any, Any]:
+        """(model params, LoRA factors) of a step, skipping the optimizer state (never read)."""
+        _quiet_orbax()
+        item = os.path.join(self.directory, str(step), STATE)
+        ckptr = ocp.PyTreeCheckpointer()
+        tree = ckptr.metadata(item).item_metadata.tree
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)
+        target["params"] = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), tree["params"])
+        args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=dev)
+                            if isinstance(x, jax.ShapeDtypeStruct) else ocp.RestoreArgs(), target)
+        out = ckptr.restore(item, args=ocp.args.PyTreeRestore(item=target, restore_args=args))
+        return out["params"]["params"], out["params"].get("lora") or {}
 
     def wait(self) -> None:
         self.mngr.wait_until_finished()
@@ -78,7 +117,11 @@ class Checkpointer:
 
 
 def load_model(path: str) -> tuple[ModelConfig, Any, str]:
-    """(cfg, params, tokenizer_dir) from a `conversion import` folder or a training workdir."""
+    """(cfg, params, tokenizer_dir) from a `conversion import` folder (`model_config.json` +
+    `params/`) or a training workdir (its latest checkpoint; LoRA factors merged in)."""
+    from jaxdyn.optim import merge_lora
+
+    path = os.path.abspath(path)
     cfg_path = os.path.join(path, "model_config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{path!r} is neither a training workdir nor an imported "
@@ -88,10 +131,15 @@ def load_model(path: str) -> tuple[ModelConfig, Any, str]:
     if os.path.isdir(os.path.join(path, "params")):
         return cfg, load_params(os.path.join(path, "params")), path
     ckpt = Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no finished checkpoint under {path}/checkpoints")
-    params = ckpt.restore_params(step)
-    ckpt.close()
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no finished checkpoint under {path}/checkpoints")
+        params, lora = ckpt.restore_params(step)
+        meta = ckpt.restore_meta(step)
+    finally:
+        ckpt.close()
+    if lora:
+        params = merge_lora(params, lora, meta["lora_alpha"], meta["lora_rank"])
     tok_dir = os.path.join(path, "tokenizer")
     return cfg, params, tok_dir if os.path.isdir(tok_dir) else path

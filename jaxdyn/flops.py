@@ -7,6 +7,7 @@ dense so throughput comparisons stay fair.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -19,12 +20,17 @@ VENDOR_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FL
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """{"model", "dense_equivalent"}: 3× the forward FLOPs per token. Routed layers count at
+    capacity k (the hook is `jaxdyn.model.routing_flops`, which knows every arch)."""
     fwd = routed_flops_per_token(cfg, seq_len)
     return {k: 3.0 * v for k, v in fwd.items()}
 
 
-def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> float:
-    """Achievable matmul FLOP/s of one device in `dtype` (the MFU denominator)."""
+@functools.lru_cache(maxsize=8)
+def measure_peak_flops(dtype=jnp.float32, n: int = 0, repeats: int = 5) -> float:
+    """Achievable matmul FLOP/s of one device in `dtype` (the MFU denominator); measured once
+    per process and dtype. n = 0 picks 1024 on CPU and 8192 on accelerators."""
+    n = n or (1024 if jax.default_backend() == "cpu" else 8192)
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -42,4 +48,5 @@ def vendor_peak() -> float | None:
 
 
 def mfu(flops_per_token: float, tokens_per_sec: float, peak: float, n_devices: int) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over n_devices · peak."""
     return flops_per_token * tokens_per_sec / (peak * n_devices)

@@ -32,7 +32,10 @@ def shifted_targets(tokens_BT: jax.Array, segment_ids_BT: jax.Array | None,
 def chunked_cross_entropy(hidden_BTD: jax.Array, unembed_DV: jax.Array, targets_BT: jax.Array,
                           mask_BT: jax.Array, chunk: int = 1024,
                           z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean masked NLL (+ z_loss·mean lse²) without building [B, T, V] logits."""
+    """Mean masked NLL (+ z_loss·mean lse²) without building [B, T, V] logits.
+
+    Returns (loss, stats) with stats `nll`, `lse_sq` (mean logsumexp²), `accuracy` (argmax
+    hits) and `tokens` (number of unmasked targets), all fp32 scalars."""
     B, T, D = hidden_BTD.shape
     N = B * T
     C = min(chunk, N)
@@ -60,8 +63,10 @@ def chunked_cross_entropy(hidden_BTD: jax.Array, unembed_DV: jax.Array, targets_
                             m_N.reshape(n_chunks, C)))
     count = jnp.maximum(jnp.sum(m_N), 1.0)
     nll = sums[0] / count
-    loss = nll + z_loss * sums[1] / count if z_loss else nll
-    return loss, {"nll": nll, "accuracy": sums[2] / count, "tokens": jnp.sum(m_N)}
+    lse_sq = sums[1] / count
+    loss = nll + z_loss * lse_sq if z_loss else nll
+    return loss, {"nll": nll, "lse_sq": lse_sq, "accuracy": sums[2] / count,
+                  "tokens": jnp.sum(m_N)}
 
 
 def lm_loss(hidden_BTD, unembed_DV, tokens_BT, segment_ids_BT=None, shift: int = 1,

@@ -163,7 +163,8 @@ def verify_steps(cfg: ModelConfig, n_heads: int, head_depth: int, sampling: Samp
             seen_BV = seen_BV | jnp.any(jax.nn.one_hot(block_Bn, V, dtype=bool)
                                         & keep_Bn[..., None], axis=1)
         nxt = jnp.concatenate([c_B[:, None], g_new], 1)
-        return nxt, pos_B + 1 + a_B, cache, q_new, seen_BV, a_B
+        host_Bn1 = jnp.concatenate([nxt, a_B[:, None]], 1)  # one device->host copy per step
+        return nxt, pos_B + 1 + a_B, cache, q_new, seen_BV, host_Bn1
 
     return jax.jit(prefill, donate_argnums=(4,)), jax.jit(step, donate_argnums=(3,))
 
@@ -208,9 +209,10 @@ def generate_verify(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[i
     hist, reached, accepted = np.zeros(n + 1, np.int64), np.zeros(n - 1), np.zeros(n - 1)
     forwards = emitted = row_forwards = 0
     while not done.all():
-        nxt, pos, cache, q, seen, a = step(params, block, pos, cache, q, seen, rng,
-                                           jnp.int32(forwards))
-        a_h, nxt_h = np.asarray(a), np.asarray(nxt)
+        nxt, pos, cache, q, seen, host = step(params, block, pos, cache, q, seen, rng,
+                                              np.int32(forwards))
+        host = np.asarray(host)
+        a_h, nxt_h = host[:, -1], host[:, :-1]
         forwards += 1
         for b in np.flatnonzero(~done):
             kept = _finish(out, done, b, [*blk[b, 1:1 + a_h[b]], nxt_h[b, 0]], max_new_tokens,
@@ -284,7 +286,7 @@ def generate_multitoken(cfg: ModelConfig, params: dict, tables: CooccurTables,
     index, t0 = P, time.perf_counter()
     t1 = None
     while True:
-        ids, f, fb, cache, seen = fwd(params, *args, cache, seen, rng, jnp.int32(forwards))
+        ids, f, fb, cache, seen = fwd(params, *args, cache, seen, rng, np.int32(forwards))
         ids, f, fb = np.asarray(ids), np.asarray(f), np.asarray(fb)
         if t1 is None:
             t1 = time.perf_counter()
@@ -313,7 +315,7 @@ def generate_multitoken(cfg: ModelConfig, params: dict, tables: CooccurTables,
         for b, e in enumerate(emit):
             block[b, :len(e)] = e
         pos_b = np.array([len(c) for c in ctx])[:, None] - m[:, None] + np.arange(n)[None, :]
-        cache = dict(cache, index=jnp.int32(index))
+        cache = dict(cache, index=np.int32(index))
         args = (block, pos_b.astype(np.int32), valid_b, (m - 1).astype(np.int32))
         index += int(m.max())
     t2 = time.perf_counter()

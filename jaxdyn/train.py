@@ -1,17 +1,15 @@
 """Training: `python -m jaxdyn.train --config configs/<exp>.py[:preset] --workdir DIR`.
 
-`main` parses flags and calls `train_and_evaluate(cfg, workdir)`; the pieces (state creation,
-the jitted step, evaluation) are importable and tested on their own.
+`main` parses flags and calls `train_and_evaluate(cfg, workdir)`. The pieces are importable:
+`create_train_state(cfg, rng)` builds the state, `make_train_step(cfg)` the pure step (jit it
+with shardings from a mesh), `make_eval_step(cfg)` the validation step. Rerunning the same
+command in the same workdir resumes from the newest checkpoint, data position included.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
-import signal
-import subprocess
 import sys
 import time
 from typing import Any
@@ -25,325 +23,329 @@ import optax
 from tqdm import tqdm
 
 from jaxdyn import configlib, distributed, flops, sharding
-from jaxdyn.checkpoint import Checkpointer, load_model
+from jaxdyn.checkpoint import Checkpointer
 from jaxdyn.loss import lm_loss
 from jaxdyn.metrics import MetricsWriter, flatten_aux
-from jaxdyn.model import ModelConfig, build, init_params, param_count
-from jaxdyn.optim import init_lora, make_optimizer, merge_lora, trainable_fraction
+from jaxdyn.model import build, init_params, param_count
+from jaxdyn.optim import init_lora, make_optimizer, make_schedule, merge_lora, trainable_mask
+from jaxdyn.train_setup import (
+    CheckpointMismatchError,
+    Preemption,
+    accum_sharding,
+    apply_debug_switches,
+    check_init_checkpoint,
+    initial_params,
+    make_data,
+    make_mesh,
+    make_tokenizer_for,
+    stack_batches,
+    write_run_files,
+)
+
+__all__ = ["CheckpointMismatchError", "NonFiniteLossError", "TrainState", "create_train_state",
+           "evaluate", "main", "make_eval_step", "make_train_step", "train_and_evaluate"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/Inf; nothing is saved after it."""
 
 
-class CheckpointMismatchError(ValueError):
-    """`init.checkpoint` holds a model that does not fit the configured one."""
-
-
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array  # micro-steps taken (optimizer steps x grad_accum)
+    step: jax.Array  # optimizer steps taken
     params: Any  # {"params": model params, "lora": LoRA factors or {}}
     opt_state: Any
+    nonfinite_step: jax.Array  # first step whose loss was NaN/Inf; -1 while all are finite
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
-# ----------------------------------------------------------------------------- state
+def state_shardings(cfg: mlc.ConfigDict, mesh, tree: Any, tx, opt_state: Any) -> TrainState:
+    """Shardings of a TrainState: params by the logical-axis rules, optimizer moments like the
+    params they mirror, LoRA factors and scalars replicated."""
+    rep = sharding.replicated(mesh)
+    tree_sh = {"params": sharding.param_shardings(configlib.model_config(cfg), mesh),
+               "lora": jax.tree.map(lambda _: rep, tree["lora"])}
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_state, tree_sh,
+                                   transform_non_params=lambda _: rep)
+    return TrainState(step=rep, params=tree_sh, opt_state=opt_sh, nonfinite_step=rep, tx=tx)
 
 
-def initial_params(cfg: mlc.ConfigDict, mcfg: ModelConfig, rng) -> tuple[Any, list[str]]:
-    """Random params, or params from `init.checkpoint` (a dense import; routed archs transfer)."""
-    if not cfg.init.checkpoint:
-        return init_params(mcfg, rng), []
-    icfg, iparams, _ = load_model(cfg.init.checkpoint)
-    if mcfg.arch != "dense" and icfg.arch == "dense":
-        from jaxdyn.model.transfer import dense_to_routed
-
-        params, report = dense_to_routed(icfg, iparams, mcfg, rng)
-        return params, [str(report)]
-    fresh = init_params(mcfg, rng)
-    want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), fresh)
-    got = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), iparams)
-    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-        raise CheckpointMismatchError(
-            f"init.checkpoint {cfg.init.checkpoint!r} holds a {icfg.family}/{icfg.arch} model "
-            f"(D={icfg.hidden_size}, L={icfg.num_layers}, V={icfg.vocab_size}, scan="
-            f"{icfg.scan_layers}) that does not match the configured {mcfg.family}/{mcfg.arch} "
-            f"(D={mcfg.hidden_size}, L={mcfg.num_layers}, V={mcfg.vocab_size}); set the model "
-            "fields to the checkpoint's model_config.json")
-    n = len(jax.tree.leaves(iparams))
-    return jax.tree.map(jnp.asarray, iparams), [f"loaded {n} tensors from "
-                                                 f"{cfg.init.checkpoint}; new parameters: none"]
-
-
-def create_train_state(cfg: mlc.ConfigDict, mcfg: ModelConfig, mesh, rng):
-    """(state, tx, schedule, report) with params/opt-state placed by the sharding rules."""
+def create_train_state(cfg: mlc.ConfigDict, rng: jax.Array, *, params: Any = None,
+                       mesh: jax.sharding.Mesh | None = None) -> TrainState:
+    """Fresh state of a finalized config: `params` (else random / `init.checkpoint`), LoRA
+    factors, optimizer state; placed on `mesh` by the sharding rules (default: cfg.mesh)."""
+    mesh = mesh or make_mesh(cfg)
     k_init, k_lora = jax.random.split(rng)
-    params, report = initial_params(cfg, mcfg, k_init)
-    with jax.set_mesh(mesh):
-        params = sharding.shard_params(params, sharding.param_shardings(mcfg, mesh))
-    lora = init_lora(params, cfg.train.lora, k_lora) if cfg.train.lora.enabled else {}
-    tree = {"params": params, "lora": lora}
-    tx, schedule = make_optimizer(cfg.train, tree)
-    with jax.set_mesh(mesh):
-        opt_state = jax.jit(tx.init)(tree)
-    return TrainState(jnp.zeros((), jnp.int32), tree, opt_state), tx, schedule, report
+    if params is None:
+        params = initial_params(cfg, k_init)[0]
+    lc = cfg.train.lora
+    tree = {"params": params, "lora": init_lora(params, lc, k_lora) if lc.enabled else {}}
+    tx, _ = make_optimizer(cfg.train, tree)
+    sh = state_shardings(cfg, mesh, tree, tx, jax.eval_shape(tx.init, tree))
+    tree = {"params": sharding.shard_params(tree["params"], sh.params["params"]),
+            "lora": jax.device_put(tree["lora"], sh.params["lora"])}
+    opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(tree)
+    scalar = lambda v: jax.device_put(jnp.asarray(v, jnp.int32), sh.step)
+    return TrainState(step=scalar(0), params=tree, opt_state=opt_state,
+                      nonfinite_step=scalar(-1), tx=tx)
 
 
-# ----------------------------------------------------------------------------- steps
+def abstract_train_state(cfg: mlc.ConfigDict, rng: jax.Array, mesh) -> TrainState:
+    """Shapes, dtypes and shardings of `create_train_state` (a restore target); allocates
+    nothing and reads no init checkpoint."""
+    mcfg, lc = configlib.model_config(cfg), cfg.train.lora
+
+    def tree_of(r):
+        params = init_params(mcfg, r)
+        return {"params": params, "lora": init_lora(params, lc, r) if lc.enabled else {}}
+
+    tree = jax.eval_shape(tree_of, rng)
+    tx, _ = make_optimizer(cfg.train, tree)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    state = TrainState(step=scalar, params=tree, opt_state=jax.eval_shape(tx.init, tree),
+                       nonfinite_step=scalar, tx=tx)
+    sh = state_shardings(cfg, mesh, tree, tx, state.opt_state)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        state, sh)
 
 
-def loss_fn(tree, batch, model, cfg: mlc.ConfigDict):
-    """LM loss + the mean over units of each weighted auxiliary loss."""
-    params = merge_lora(tree["params"], tree["lora"], cfg.train.lora)
+def loss_fn(tree, batch: dict, model, tc) -> tuple[jax.Array, tuple[dict, dict]]:
+    """LM loss + Σ over aux losses of their mean over scan units; (loss, (stats, aux))."""
+    params = merge_lora(tree["params"], tree["lora"], tc.lora.alpha, tc.lora.rank)
     out = model.apply({"params": params}, batch["tokens"], batch["positions"],
                       batch["segment_ids"], compute_logits=False)
     lm, stats = lm_loss(out.hidden, out.unembed, batch["tokens"], batch["segment_ids"],
-                        chunk=cfg.train.loss_chunk, z_loss=cfg.train.z_loss)
+                        chunk=tc.loss_chunk, z_loss=tc.z_loss)
     aux_loss = sum((jnp.mean(v) for v in out.aux["losses"].values()), jnp.zeros((), jnp.float32))
     return lm + aux_loss, (stats, out.aux)
 
 
-def make_train_step(cfg: mlc.ConfigDict, mcfg: ModelConfig, tx, schedule):
-    model = build(mcfg)
-    accum = int(cfg.train.grad_accum)
+def make_train_step(cfg: mlc.ConfigDict):
+    """`step(state, batch) -> (state, metrics)`; batch leaves are [grad_accum, b, T] and the
+    micro-batch gradients are averaged in a scan. Metrics are scalars (aux: per unit [U])."""
+    model = build(configlib.model_config(cfg))
+    tc = mlc.FrozenConfigDict(cfg.train)
+    schedule = make_schedule(tc)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch):
-        (loss, (stats, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, batch, model, cfg)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        def micro(carry, mb):
+            (loss, (stats, aux)), g = grad_fn(state.params, mb, model, tc)
+            out = {"loss": loss, "nll": stats["nll"], "accuracy": stats["accuracy"],
+                   "tokens": stats["tokens"], "aux": aux}
+            return jax.tree.map(jnp.add, carry, g), out
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, outs = jax.lax.scan(micro, zeros, batch)
+        n = jax.tree.leaves(batch)[0].shape[0]
+        grads = jax.tree.map(lambda g: g / n, grads)
+        m = jax.tree.map(lambda x: jnp.mean(x, axis=0), outs)
+        m["tokens"] = jnp.sum(outs["tokens"])
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "nll": stats["nll"], "accuracy": stats["accuracy"],
-                   "tokens": stats["tokens"], "grad_norm": optax.global_norm(grads),
-                   "lr": schedule(state.step // accum), "aux": aux}
-        return TrainState(state.step + 1, params, opt_state), metrics
+        keep = jax.tree.leaves(trainable_mask(state.params, tc))
+        m["grad_norm"] = optax.global_norm(
+            [g for g, k in zip(jax.tree.leaves(grads), keep, strict=True) if k])
+        m["param_norm"] = optax.global_norm(params)
+        m["lr"] = schedule(state.step)
+        bad = (state.nonfinite_step < 0) & ~jnp.isfinite(m["loss"])
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                         nonfinite_step=jnp.where(bad, state.step + 1, state.nonfinite_step),
+                         tx=state.tx)
+        return new, m
 
     return step
 
 
-def make_eval_step(cfg: mlc.ConfigDict, mcfg: ModelConfig):
-    model = build(mcfg)
+def make_eval_step(cfg: mlc.ConfigDict):
+    """`eval_step(tree, batch) -> (nll sum, target count, aux)` for one [b, T] batch."""
+    model = build(configlib.model_config(cfg))
+    tc = mlc.FrozenConfigDict(cfg.train)
 
     def eval_step(tree, batch):
-        _, (stats, aux) = loss_fn(tree, batch, model, cfg)
+        _, (stats, aux) = loss_fn(tree, batch, model, tc)
         return stats["nll"] * stats["tokens"], stats["tokens"], aux
 
     return eval_step
 
 
-def evaluate(eval_fn, tree, batches, mesh) -> dict[str, float]:
-    total, count, aux = 0.0, 0.0, None
+def evaluate(eval_fn, tree, batches: list[dict], mesh) -> dict[str, float]:
+    """Token-weighted validation loss and perplexity, aux metrics averaged over batches."""
+    total, count, auxes = 0.0, 0.0, []
     for b in batches:
-        s, n, aux = eval_fn(tree, sharding.shard_batch(b, mesh))
+        s, n, aux = jax.device_get(eval_fn(tree, sharding.shard_batch(b, mesh)))
         total, count = total + float(s), count + float(n)
+        auxes.append(flatten_aux(aux))
     loss = total / max(count, 1.0)
     out = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
-    if aux is not None:
-        out.update({"val/" + k: v for k, v in flatten_aux(jax.device_get(aux)).items()})
+    for k in auxes[0] if auxes else ():
+        out["val/" + k] = float(np.mean([a[k] for a in auxes]))
     return out
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def make_data(cfg: mlc.ConfigDict, workdir: str):
-    """(tokenizer, train iterator, eval batches); errors name the dataset problem."""
-    from jaxdyn.data import DataConfig, load_documents, make_eval_batches, make_train_iterator
-    from jaxdyn.tokenizer import make_tokenizer
-
-    dc = DataConfig(**{**cfg.data.to_dict(),
-                       "cache_dir": cfg.data.cache_dir or os.path.join(workdir, "cache")})
-    texts = None
-    if cfg.tokenizer.kind == "bpe":
-        texts = load_documents(dc, "train")
-    tok = make_tokenizer(cfg.tokenizer.kind, directory=os.path.join(workdir, "tokenizer"),
-                         texts=texts, vocab_size=cfg.tokenizer.vocab_size,
-                         checkpoint_dir=cfg.init.checkpoint or None)
-    n_proc = jax.process_count()
-    if cfg.train.batch_size % n_proc:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
-                         f"{n_proc} processes")
-    per_proc = cfg.train.batch_size // n_proc
-    it = make_train_iterator(dc, tok, seq_len=cfg.train.seq_len, batch_size=per_proc,
-                             seed=cfg.train.seed, process_index=jax.process_index(),
-                             process_count=n_proc)
-    evals = make_eval_batches(dc, tok, seq_len=cfg.train.seq_len, batch_size=per_proc,
-                              max_batches=cfg.eval.batches)
-    return tok, it, evals
-
-
-# ----------------------------------------------------------------------------- loop
-
-
-def validate(cfg: mlc.ConfigDict, mcfg: ModelConfig) -> None:
-    if cfg.train.seq_len > mcfg.max_position_embeddings:
-        raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds the model's "
-                         f"max_position_embeddings={mcfg.max_position_embeddings}; lower "
-                         "train.seq_len or raise model.max_position_embeddings")
-    if cfg.train.steps < 1 or cfg.train.batch_size < 1:
-        raise ValueError("train.steps and train.batch_size must be >= 1")
-
-
-def write_run_files(workdir: str, cfg, mcfg: ModelConfig, mesh) -> None:
-    if not distributed.is_main_process():
-        return
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
-    mcfg.save(os.path.join(workdir, "model_config.json"))
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(__file__), timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        git = ""
-    run = {"jax": jax.__version__, "flax": flax.__version__, "python": platform.python_version(),
-           "devices": [str(d) for d in jax.devices()], "processes": jax.process_count(),
-           "mesh": dict(mesh.shape), "git": git, "argv": sys.argv}
-    with open(os.path.join(workdir, "run.json"), "w") as f:
-        json.dump(run, f, indent=2)
-
-
-class Preemption:
-    """SIGTERM/SIGINT set a flag; the loop saves at the next step boundary and exits 0."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        for sig, h in self._old.items():
-            signal.signal(sig, h)
-
-
 def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train per `cfg` in `workdir`, resuming from its latest checkpoint; returns last metrics."""
+    """Train per `cfg` in `workdir` (resuming from its newest checkpoint); returns the metrics
+    of the last logged step (`train/...`, `val/...`). Config, data and init-checkpoint errors
+    are raised before anything is written to the workdir or compiled."""
     workdir = os.path.abspath(workdir)
-    mcfg0 = configlib.model_config(cfg)
-    validate(cfg, mcfg0)
-    os.makedirs(workdir, exist_ok=True)
-    tok, it, eval_batches = make_data(cfg, workdir)
-    mcfg = configlib.model_config(cfg, vocab_size=tok.vocab_size)
-    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    state, tx, schedule, report = create_train_state(cfg, mcfg, mesh,
-                                                     jax.random.key(cfg.train.seed))
+    cfg = configlib.finalize(cfg, workdir=workdir)
+    apply_debug_switches(cfg)
+    mesh = make_mesh(cfg)
+    tok = make_tokenizer_for(cfg, workdir)
+    cfg = configlib.finalize(cfg, vocab_size=tok.vocab_size, workdir=workdir)
+    mcfg = configlib.model_config(cfg)
+    check_init_checkpoint(cfg)
+    it, eval_batches = make_data(cfg, tok, mesh)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    rng = jax.random.key(cfg.train.seed)
+    start = Checkpointer(ckpt_dir, async_save=False).latest_step() \
+        if os.path.isdir(ckpt_dir) else None
+    if start is None:
+        params, report = initial_params(cfg, jax.random.split(rng)[0])
+        state = create_train_state(cfg, rng, params=params, mesh=mesh)
+    else:  # restore onto shapes and shardings only: no init checkpoint read, no random init
+        report = [f"resumed from step {start} in {ckpt_dir}"]
+        state = abstract_train_state(cfg, rng, mesh)
+    peak = flops.measure_peak_flops(jnp.dtype(mcfg.dtype))
+    write_run_files(workdir, cfg, mcfg, mesh, tok, report, peak)
     for line in report:
         print(line)
-    write_run_files(workdir, cfg, mcfg, mesh)
-    if distributed.is_main_process():
-        tok.save(os.path.join(workdir, "tokenizer"))
-
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.checkpoint.keep,
-                        cfg.checkpoint.async_save)
-    accum = int(cfg.train.grad_accum)
-    start = ckpt.latest_step()
+    ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     if start is not None:
         state, data_state, _ = ckpt.restore(start, state)
         it.restore(data_state)
-        print(f"resumed from step {start} in {ckpt.directory}")
     start = start or 0
     writer = MetricsWriter(workdir, resume_step=start, tensorboard=cfg.log.tensorboard,
                            wandb_project=cfg.log.wandb_project if cfg.log.wandb else None,
                            config=cfg.to_dict())
-    n_params = param_count(state.params["params"])
-    frac = trainable_fraction(state.params, cfg.train)
-    print(f"model: {mcfg.family}/{mcfg.arch}, {n_params / 1e6:.2f}M params, trainable "
-          f"{100 * frac:.2f}%, mesh {dict(mesh.shape)}")
+    keep = jax.tree.leaves(trainable_mask(state.params, cfg.train))
+    n_train = sum(int(x.size) for x, k in zip(jax.tree.leaves(state.params), keep,
+                                              strict=True) if k)
+    print(f"model: {mcfg.family}/{mcfg.arch}, {param_count(state.params['params']) / 1e6:.2f}M "
+          f"params ({n_train / 1e6:.2f}M trainable), mesh {dict(mesh.shape)}, "
+          f"{cfg.train.batch_size}x{cfg.train.seq_len} tokens per step")
 
     state_sh = jax.tree.map(lambda x: x.sharding, state)
-    batch_sh = sharding.batch_sharding(mesh)
     with jax.set_mesh(mesh), sharding.rules_context():
-        step_fn = jax.jit(make_train_step(cfg, mcfg, tx, schedule),
-                          in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                          donate_argnums=0)
-        eval_fn = jax.jit(make_eval_step(cfg, mcfg))
-    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len * accum
-    f_tok = flops.train_flops_per_token(mcfg, cfg.train.seq_len)["model"]
-    peak = flops.measure_peak_flops(jnp.dtype(mcfg.dtype))
-    preempt = Preemption()
+        step_fn = jax.jit(make_train_step(cfg), donate_argnums=0,
+                          in_shardings=(state_sh, accum_sharding(mesh)),
+                          out_shardings=(state_sh, None))
+        eval_fn = jax.jit(make_eval_step(cfg))
+    t = cfg.train
+    tokens_per_step = t.batch_size * t.seq_len
+    f_tok = flops.train_flops_per_token(mcfg, t.seq_len)["model"]
+    stop = t.stop_at_step or t.steps
     last: dict[str, float] = {}
     last_good = f"step {start}" if start else "none"
-    t_last, step_last = time.perf_counter(), start
-    bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps,
-               disable=not distributed.is_main_process(), dynamic_ncols=True)
+    preempt = Preemption()
+    bar = tqdm(total=stop, initial=start, disable=not distributed.is_main_process(),
+               dynamic_ncols=True, desc="train")
+    t_last, step_last = None, start
+    done = start
     try:
         with jax.set_mesh(mesh), sharding.rules_context():
-            for step in bar:
-                for _ in range(accum):
-                    state, m = step_fn(state, sharding.shard_batch(next(it), mesh))
-                done = step + 1
-                is_log = done % cfg.log.every == 0 or done == cfg.train.steps
-                is_save = done % cfg.checkpoint.every == 0 or done == cfg.train.steps
-                is_eval = done % cfg.eval.every == 0 or done == cfg.train.steps
-                if is_log or is_save or preempt.requested:
-                    loss = float(m["loss"])
-                    if not math.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"loss is {loss} at step {done}; nothing was saved after it; the "
-                            f"last good checkpoint is {last_good} in {ckpt.directory}")
-                if is_log:
-                    dt = time.perf_counter() - t_last
-                    tps = tokens_per_step * (done - step_last) / max(dt, 1e-9)
-                    host = jax.device_get({k: v for k, v in m.items() if k != "aux"})
-                    last = {f"train/{k}": float(v) for k, v in host.items()}
-                    last["train/tokens_per_sec"] = tps
-                    last["train/mfu"] = flops.mfu(f_tok, tps, peak, jax.device_count())
-                    last.update({"train/" + k: v for k, v in
-                                 flatten_aux(jax.device_get(m["aux"])).items()})
-                    writer.write(done, "train", last)
-                    bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{tps:,.0f}")
+            while done < stop:
+                batch = stack_batches(it, t.grad_accum, mesh)
+                with jax.transfer_guard("disallow" if cfg.debug.transfer_guard else "allow"):
+                    state, m = step_fn(state, batch)
+                done += 1
+                bar.update(1)
+                if t_last is None:  # the first step compiled: time from its end
+                    jax.block_until_ready(m["loss"])
                     t_last, step_last = time.perf_counter(), done
+                stopping = preempt.requested or ckpt.reached_preemption(done) or done == stop
+                is_log = done % cfg.log.every == 0 or stopping
+                is_save = done % cfg.checkpoint.every == 0 or stopping
+                is_eval = done % cfg.eval.every == 0 or done == t.steps
+                if is_log:
+                    last = log_train(writer, done, jax.device_get(m), tokens_per_step,
+                                     time.perf_counter() - t_last, done - step_last, f_tok,
+                                     peak, mesh.size)
+                    t_last, step_last = time.perf_counter(), done
+                    bar.set_postfix(loss=f"{last['train/loss']:.3f}",
+                                    tok_s=f"{last.get('train/tokens_per_sec', 0):,.0f}")
+                if (is_log or is_save) and cfg.debug.check_finite:
+                    bad = int(jax.device_get(state.nonfinite_step))
+                    if bad >= 0:
+                        raise NonFiniteLossError(
+                            f"loss is not finite at step {bad}; nothing was saved after it; the "
+                            f"last good checkpoint is {last_good} in {ckpt.directory} (lower "
+                            "train.lr or set train.clip_norm, then rerun to resume)")
                 if is_eval:
                     val = evaluate(eval_fn, state.params, eval_batches, mesh)
                     writer.write(done, "val", val)
                     last.update(val)
-                if is_save or preempt.requested:
-                    ckpt.save(done, state, it.state(), {"step": done, "loss": last.get(
-                        "train/loss")})
+                if is_save:
+                    ckpt.save(done, state, it.state(), {
+                        "step": done, "loss": last.get("train/loss"),
+                        "lora_alpha": t.lora.alpha, "lora_rank": t.lora.rank})
                     last_good = f"step {done}"
-                if preempt.requested:
+                if stopping and done < t.steps:
                     ckpt.wait()
-                    print(f"preempted: saved step {done}; rerun the same command to resume")
+                    why = "preempted" if done < stop else "stopped (train.stop_at_step)"
+                    print(f"\n{why}: saved step {done}; rerun the same command to resume")
                     break
     finally:
         preempt.restore()
+        bar.close()
         ckpt.close()
         writer.close()
-        bar.close()
-    if not preempt.requested and distributed.is_main_process():
-        print_sample(cfg, mcfg, state, tok, workdir)
+    if done == t.steps and distributed.is_main_process():
+        print_sample(cfg, state, tok)
+        print(f"checkpoints: {ckpt_dir}\nmetrics:     {workdir}/metrics.jsonl\n"
+              f"plots:       python -m jaxdyn.plot --workdir {workdir}")
     return last
 
 
-def print_sample(cfg, mcfg: ModelConfig, state: TrainState, tok, workdir: str) -> None:
+def log_train(writer: MetricsWriter, step: int, m: dict, tokens_per_step: int, dt: float,
+              steps: int, f_tok: float, peak: float, n_devices: int) -> dict[str, float]:
+    """Write one `train` row: scalars, throughput/MFU (not for the compile step), aux."""
+    row = {f"train/{k}": float(v) for k, v in m.items() if k != "aux"}
+    if steps > 0:
+        tps = tokens_per_step * steps / max(dt, 1e-9)
+        row["train/tokens_per_sec"] = tps
+        row["train/mfu"] = flops.mfu(f_tok, tps, peak, n_devices)
+    row.update({"train/" + k: v for k, v in flatten_aux(m["aux"]).items()})
+    writer.write(step, "train", row)
+    return row
+
+
+def print_sample(cfg: mlc.ConfigDict, state: TrainState, tok) -> None:
+    """Greedy continuation of `cfg.sample.prompt` with the final (LoRA-merged) params."""
+    if cfg.sample.max_new_tokens < 1:
+        return
     from jaxdyn.generate import generate
     from jaxdyn.sampling import SamplingConfig
 
-    params = merge_lora(state.params["params"], state.params["lora"], cfg.train.lora)
+    lc = cfg.train.lora
+    params = merge_lora(state.params["params"], state.params["lora"], lc.alpha, lc.rank)
     prompt = tok.encode(cfg.sample.prompt) or [tok.eos_id]
-    res = generate(mcfg, jax.device_get(params), [prompt], cfg.sample.max_new_tokens,
-                   SamplingConfig(temperature=cfg.sample.temperature), eos_id=tok.eos_id)
-    print(f"\nsample: {cfg.sample.prompt}{tok.decode(res.tokens[0])}\n")
-    print(f"checkpoints: {workdir}/checkpoints\nmetrics:     {workdir}/metrics.jsonl\n"
-          f"plots:       python -m jaxdyn.plot --workdir {workdir}")
+    res = generate(configlib.model_config(cfg), jax.device_get(params), [prompt],
+                   cfg.sample.max_new_tokens, SamplingConfig(temperature=cfg.sample.temperature),
+                   eos_id=tok.eos_id)
+    print(f"\nsample: {cfg.sample.prompt!r} -> {tok.decode(res.tokens[0])!r}\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(prog="python -m jaxdyn.train")
+    ap = argparse.ArgumentParser(prog="python -m jaxdyn.train",
+                                 epilog="overrides: --config.train.lr=3e-4 (any config key)")
     ap.add_argument("--config", required=True, help="configs/<exp>.py[:preset]")
-    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--workdir", required=True, help="run folder (resumed when it has one)")
     args, rest = ap.parse_known_args(argv)
-    bad = [a for a in rest if not a.startswith("--config.")]
-    if bad:
-        ap.error(f"unrecognised arguments {bad}; overrides look like --config.train.lr=3e-4")
+    overrides, i = [], 0
+    while i < len(rest):  # `--config.a.b=v` or `--config.a.b v`
+        item = rest[i]
+        if not item.startswith("--config."):
+            ap.error(f"unrecognised argument {item!r}; overrides look like --config.train.lr=3e-4")
+        if "=" not in item and i + 1 < len(rest):
+            item, i = f"{item}={rest[i + 1]}", i + 1
+        overrides.append(item)
+        i += 1
     distributed.init()
-    cfg = configlib.load_config(args.config, rest)
-    np.set_printoptions(precision=4)
+    cfg = configlib.load_config(args.config, overrides)
     train_and_evaluate(cfg, args.workdir)
 
 

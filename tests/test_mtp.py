@@ -18,6 +18,7 @@ from jaxdyn.model.heads import (
     from_dense,
     grad_scale,
     head_overhead,
+    heads_of,
     init_mtp_cache,
     init_mtp_params,
 )
@@ -90,6 +91,7 @@ def test_from_dense_consumes_checkpoint_and_head1_is_the_dense_model():
     assert len(rep.copied) == len(jax.tree.leaves(dense))
     assert rep.new and all(p.startswith("heads/") for p in rep.new)
     assert jax.tree.leaves(params["heads"]["layer"])[0].shape[0] == 2  # stacked [n-1, ...]
+    assert heads_of(params) == (3, 1) and heads_of(dense) == (1, 1)
     assert np.all(np.asarray(params["heads"]["norm"]["scale"]) == 1.0)
     tokens = jnp.array([[3, 1, 4, 1, 5, 9]])
     out = jax.jit(MultiTokenLM(cfg, 3).apply)({"params": params}, tokens)
@@ -118,6 +120,8 @@ def test_parameter_overhead_reproduces_paper_table(D, L, N, V_, extra_m, overhea
     assert extra == 2 * (12 * D * D + 13 * D + 2 * D)  # (n-1)·(GPT-NeoX block + norm)
     assert round(extra / 1e6, 1) == extra_m
     assert abs(100 * extra / dense - overhead) <= 0.011
+    if D == 512:  # head_depth ablation: (n-1)·(2 blocks + norm)
+        assert head_overhead(cfg, 3, head_depth=2)[0] == 2 * (2 * (12 * D * D + 13 * D) + 2 * D)
 
 
 def test_grad_scale_scales_only_the_heads_path_into_the_stem(untrained):

@@ -65,7 +65,8 @@ def test_lora_starts_at_base_and_trains_only_factors():
     tokens = jnp.arange(16).reshape(2, 8)
     m = build(cfg)
     base = m.apply({"params": params}, tokens).logits
-    merged = m.apply({"params": merge_lora(params, lora, tc.lora)}, tokens).logits
+    merged_params = merge_lora(params, lora, tc.lora.alpha, tc.lora.rank)
+    merged = m.apply({"params": merged_params}, tokens).logits
     np.testing.assert_array_equal(base, merged)  # B = 0 at init
     new = one_step(tc, {"params": params, "lora": lora})
     jax.tree.map(np.testing.assert_array_equal, new["params"], params)  # base frozen

@@ -213,6 +213,14 @@ def init_mtp_cache(cfg: ModelConfig, n_heads: int, batch: int, max_len: int,
             "heads": heads}
 
 
+def heads_of(params: dict) -> tuple[int, int]:
+    """(n_heads, head_depth) of an MTP parameter tree (1, 1 for a dense one)."""
+    if "heads" not in params:
+        return 1, 1
+    scale = params["heads"]["layer"]["attn_norm"]["scale"]  # [n-1, D] or [n-1, depth, D]
+    return scale.shape[0] + 1, (1 if scale.ndim == 2 else scale.shape[1])
+
+
 def dense_params_of(params: dict) -> dict:
     """The head-1 path as a plain `CausalLM` parameter tree (drops `heads`)."""
     return {k: v for k, v in params.items() if k != "heads"}
