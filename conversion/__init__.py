@@ -1,0 +1,26 @@
+"""Hugging Face ⇄ jaxdyn checkpoint conversion for Qwen2 / Qwen2.5, LLaMA and GPT-NeoX / Pythia.
+
+- `from_hf(path, *, dtype, mesh, scan_layers) -> (ModelConfig, params)`: streaming import.
+- `to_hf(cfg, params, out_dir, *, dtype, max_shard_size)`: sharded safetensors export.
+- CLI: `python -m conversion import HF_DIR OUT_DIR` / `python -m conversion export CKPT OUT`.
+See `shared/spec/conversion.md` for the mapping tables and the checks.
+"""
+
+from conversion.errors import (
+    ConversionError,
+    MissingTensorError,
+    ShapeMismatchError,
+    TiedEmbeddingError,
+    UnconsumedTensorError,
+    UnreadableFileError,
+    UnsupportedConfigError,
+    WrongFamilyError,
+)
+from conversion.hf_export import ExportReport, to_hf
+from conversion.hf_import import ImportReport, from_hf
+
+__all__ = [
+    "ConversionError", "ExportReport", "ImportReport", "MissingTensorError",
+    "ShapeMismatchError", "TiedEmbeddingError", "UnconsumedTensorError", "UnreadableFileError",
+    "UnsupportedConfigError", "WrongFamilyError", "from_hf", "to_hf",
+]
