@@ -39,6 +39,7 @@ class ImportReport:
     tied: bool
     files: list[str]
     ignored: list[str]
+    copied: list[str] = dataclasses.field(default_factory=list)  # side files (CLI import)
 
     def __str__(self) -> str:
         ign = f"; ignored buffers: {', '.join(self.ignored)}" if self.ignored else ""
