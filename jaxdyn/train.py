@@ -22,11 +22,11 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from jaxdyn import configlib, distributed, flops, sharding
+from jaxdyn import configlib, distributed, flops, mtp_train, sharding
 from jaxdyn.checkpoint import Checkpointer
 from jaxdyn.loss import lm_loss
-from jaxdyn.metrics import MetricsWriter, flatten_aux
-from jaxdyn.model import build, init_params, param_count
+from jaxdyn.metrics import MetricsWriter
+from jaxdyn.model import param_count
 from jaxdyn.optim import init_lora, make_optimizer, make_schedule, merge_lora, trainable_mask
 from jaxdyn.train_setup import (
     CheckpointMismatchError,
@@ -34,10 +34,12 @@ from jaxdyn.train_setup import (
     accum_sharding,
     apply_debug_switches,
     check_init_checkpoint,
-    initial_params,
+    gather_data_state,
+    host_params,
     make_data,
     make_mesh,
     make_tokenizer_for,
+    restore_data_state,
     stack_batches,
     write_run_files,
 )
@@ -63,10 +65,11 @@ def state_shardings(cfg: mlc.ConfigDict, mesh, tree: Any, tx, opt_state: Any) ->
     """Shardings of a TrainState: params by the logical-axis rules, optimizer moments like the
     params they mirror, LoRA factors and scalars replicated."""
     rep = sharding.replicated(mesh)
-    tree_sh = {"params": sharding.param_shardings(configlib.model_config(cfg), mesh),
+    tree_sh = {"params": mtp_train.param_shardings(cfg, mesh),
                "lora": jax.tree.map(lambda _: rep, tree["lora"])}
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, opt_state, tree_sh,
-                                   transform_non_params=lambda _: rep)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # other LR groups' slots (lr_groups)
+    opt_sh = optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, opt_state, tree_sh,
+                                   transform_non_params=lambda _: rep, is_leaf=masked)
     return TrainState(step=rep, params=tree_sh, opt_state=opt_sh, nonfinite_step=rep, tx=tx)
 
 
@@ -77,7 +80,8 @@ def create_train_state(cfg: mlc.ConfigDict, rng: jax.Array, *, params: Any = Non
     mesh = mesh or make_mesh(cfg)
     k_init, k_lora = jax.random.split(rng)
     if params is None:
-        params = initial_params(cfg, k_init)[0]
+        with jax.set_mesh(mesh):  # params are created/read straight into their shardings
+            params = mtp_train.initial_params(cfg, k_init)[0]
     lc = cfg.train.lora
     tree = {"params": params, "lora": init_lora(params, lc, k_lora) if lc.enabled else {}}
     tx, _ = make_optimizer(cfg.train, tree)
@@ -93,10 +97,10 @@ def create_train_state(cfg: mlc.ConfigDict, rng: jax.Array, *, params: Any = Non
 def abstract_train_state(cfg: mlc.ConfigDict, rng: jax.Array, mesh) -> TrainState:
     """Shapes, dtypes and shardings of `create_train_state` (a restore target); allocates
     nothing and reads no init checkpoint."""
-    mcfg, lc = configlib.model_config(cfg), cfg.train.lora
+    lc = cfg.train.lora
 
     def tree_of(r):
-        params = init_params(mcfg, r)
+        params = mtp_train.init_params(cfg, r)
         return {"params": params, "lora": init_lora(params, lc, r) if lc.enabled else {}}
 
     tree = jax.eval_shape(tree_of, rng)
@@ -123,7 +127,7 @@ def loss_fn(tree, batch: dict, model, tc) -> tuple[jax.Array, tuple[dict, dict]]
 def make_train_step(cfg: mlc.ConfigDict):
     """`step(state, batch) -> (state, metrics)`; batch leaves are [grad_accum, b, T] and the
     micro-batch gradients are averaged in a scan. Metrics are scalars (aux: per unit [U])."""
-    model = build(configlib.model_config(cfg))
+    model = mtp_train.train_model(cfg)  # CausalLM, or MultiTokenLM for an `mtp` block
     tc = mlc.FrozenConfigDict(cfg.train)
     schedule = make_schedule(tc)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -159,7 +163,7 @@ def make_train_step(cfg: mlc.ConfigDict):
 
 def make_eval_step(cfg: mlc.ConfigDict):
     """`eval_step(tree, batch) -> (nll sum, target count, aux)` for one [b, T] batch."""
-    model = build(configlib.model_config(cfg))
+    model = mtp_train.train_model(cfg)  # CausalLM, or MultiTokenLM for an `mtp` block
     tc = mlc.FrozenConfigDict(cfg.train)
 
     def eval_step(tree, batch):
@@ -175,7 +179,7 @@ def evaluate(eval_fn, tree, batches: list[dict], mesh) -> dict[str, float]:
     for b in batches:
         s, n, aux = jax.device_get(eval_fn(tree, sharding.shard_batch(b, mesh)))
         total, count = total + float(s), count + float(n)
-        auxes.append(flatten_aux(aux))
+        auxes.append(mtp_train.flat_metrics(aux))
     loss = total / max(count, 1.0)
     out = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
     for k in auxes[0] if auxes else ():
@@ -201,19 +205,23 @@ def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     start = Checkpointer(ckpt_dir, async_save=False).latest_step() \
         if os.path.isdir(ckpt_dir) else None
     if start is None:
-        params, report = initial_params(cfg, jax.random.split(rng)[0])
+        with jax.set_mesh(mesh):  # params are created/read straight into their shardings
+            params, report = mtp_train.initial_params(cfg, jax.random.split(rng)[0])
         state = create_train_state(cfg, rng, params=params, mesh=mesh)
     else:  # restore onto shapes and shardings only: no init checkpoint read, no random init
         report = [f"resumed from step {start} in {ckpt_dir}"]
         state = abstract_train_state(cfg, rng, mesh)
     peak = flops.measure_peak_flops(jnp.dtype(mcfg.dtype))
     write_run_files(workdir, cfg, mcfg, mesh, tok, report, peak)
-    for line in report:
+    main = distributed.is_main_process()  # only process 0 logs; every process checkpoints
+    for line in report if main else ():
         print(line)
     ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     if start is not None:
         state, data_state, _ = ckpt.restore(start, state)
-        it.restore(data_state)
+        notes = restore_data_state(it, data_state)  # every process: its own data position
+        for line in notes if main else ():
+            print(line)
     start = start or 0
     writer = MetricsWriter(workdir, resume_step=start, tensorboard=cfg.log.tensorboard,
                            wandb_project=cfg.log.wandb_project if cfg.log.wandb else None,
@@ -221,9 +229,11 @@ def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     keep = jax.tree.leaves(trainable_mask(state.params, cfg.train))
     n_train = sum(int(x.size) for x, k in zip(jax.tree.leaves(state.params), keep,
                                               strict=True) if k)
-    print(f"model: {mcfg.family}/{mcfg.arch}, {param_count(state.params['params']) / 1e6:.2f}M "
-          f"params ({n_train / 1e6:.2f}M trainable), mesh {dict(mesh.shape)}, "
-          f"{cfg.train.batch_size}x{cfg.train.seq_len} tokens per step")
+    if main:
+        print(f"model: {mcfg.family}/{mcfg.arch}, "
+              f"{param_count(state.params['params']) / 1e6:.2f}M params "
+              f"({n_train / 1e6:.2f}M trainable), mesh {dict(mesh.shape)}, "
+              f"{cfg.train.batch_size}x{cfg.train.seq_len} tokens per step")
 
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     with jax.set_mesh(mesh), sharding.rules_context():
@@ -276,7 +286,7 @@ def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
                     writer.write(done, "val", val)
                     last.update(val)
                 if is_save:
-                    ckpt.save(done, state, it.state(), {
+                    ckpt.save(done, state, gather_data_state(it.state()), {
                         "step": done, "loss": last.get("train/loss"),
                         "lora_alpha": t.lora.alpha, "lora_rank": t.lora.rank})
                     last_good = f"step {done}"
@@ -290,8 +300,9 @@ def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
         bar.close()
         ckpt.close()
         writer.close()
-    if done == t.steps and distributed.is_main_process():
-        print_sample(cfg, state, tok)
+    if done == t.steps:
+        print_sample(cfg, state, tok)  # collective: every process gathers the params
+    if done == t.steps and main:
         print(f"checkpoints: {ckpt_dir}\nmetrics:     {workdir}/metrics.jsonl\n"
               f"plots:       python -m jaxdyn.plot --workdir {workdir}")
     return last
@@ -305,7 +316,7 @@ def log_train(writer: MetricsWriter, step: int, m: dict, tokens_per_step: int, d
         tps = tokens_per_step * steps / max(dt, 1e-9)
         row["train/tokens_per_sec"] = tps
         row["train/mfu"] = flops.mfu(f_tok, tps, peak, n_devices)
-    row.update({"train/" + k: v for k, v in flatten_aux(m["aux"]).items()})
+    row.update({"train/" + k: v for k, v in mtp_train.flat_metrics(m["aux"]).items()})
     writer.write(step, "train", row)
     return row
 
@@ -319,8 +330,11 @@ def print_sample(cfg: mlc.ConfigDict, state: TrainState, tok) -> None:
 
     lc = cfg.train.lora
     params = merge_lora(state.params["params"], state.params["lora"], lc.alpha, lc.rank)
+    params = host_params(params)
+    if not distributed.is_main_process():
+        return
     prompt = tok.encode(cfg.sample.prompt) or [tok.eos_id]
-    res = generate(configlib.model_config(cfg), jax.device_get(params), [prompt],
+    res = generate(configlib.model_config(cfg), params, [prompt],
                    cfg.sample.max_new_tokens, SamplingConfig(temperature=cfg.sample.temperature),
                    eos_id=tok.eos_id)
     print(f"\nsample: {cfg.sample.prompt!r} -> {tok.decode(res.tokens[0])!r}\n")
