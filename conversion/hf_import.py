@@ -133,8 +133,7 @@ def from_hf(path: str, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None
     buffers: dict[str, np.ndarray] = {}
     out: dict[str, jax.Array] = {}
 
-    def finish(p: str) -> None:
-        buf = buffers.pop(p)
+    def finish(p: str, buf: np.ndarray) -> None:
         if mesh is None:
             out[p] = jax.device_put(buf)
         else:
@@ -146,13 +145,16 @@ def from_hf(path: str, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None
         arrays = rule.load(reader.read(name))
         for jx, a in zip(rule.jx, arrays, strict=True):
             p, idx = key(jx, layer)
+            if idx == ():  # a whole parameter: no staging buffer, no extra copy
+                finish(p, a.astype(pdt, copy=False))
+                continue
             if p not in buffers:
                 buffers[p] = np.empty(shapes[p][0], pdt)
             buffers[p][idx] = a  # casts to the parameter dtype
             pending[p] -= 1
             if pending[p] == 0:
-                finish(p)
-        del arrays
+                finish(p, buffers.pop(p))
+        del arrays, a
     params = traverse_util.unflatten_dict(out, sep="/")
     for name in set(mapping.TIED_HEAD[cfg.family]) & reader.names if cfg.tie_embeddings else ():
         head = reader.read(name).astype(pdt)
