@@ -371,3 +371,14 @@ def test_model_card_reads_training_config_and_eval_results(imported, tmp_path):
         str(tmp_path)), eval_results=model_card.find_eval_results(str(tmp_path)))
     assert '"steps": 100' in card and "| arc_easy / acc | 0.25 |" in card
     assert "| capacity | 0.125 |" in card and "llama3 (factor 8.0" in card
+
+
+def test_memcheck_random_checkpoint_imports(tmp_path):
+    """The benchmark's random checkpoint generator writes a folder that imports cleanly."""
+    from conversion.memcheck import write_random_checkpoint
+
+    n = write_random_checkpoint(str(tmp_path), hidden=64, layers=2, heads=4, kv_heads=2,
+                                ffn=128, vocab=256, dtype="bfloat16")
+    cfg, params, rep = conversion.from_hf(str(tmp_path), return_report=True)
+    assert rep.bytes == n and rep.source_dtypes == ["bfloat16"] and cfg.num_kv_heads == 2
+    assert params["layers"]["mlp"]["down"]["kernel"].shape == (2, 128, 64)
