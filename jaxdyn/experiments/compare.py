@@ -1,10 +1,14 @@
 """Standard vs MoD vs DTF at matched capacity on the built-in corpus (routing spec §11).
 
-    python -m jaxdyn.experiments.compare --preset tiny --out runs/compare [--steps 300]
+    python -m jaxdyn.experiments.compare --preset cpu --out runs/compare   # ≈10 min on 2 cores
+    python -m jaxdyn.experiments.compare --preset tiny --steps 20           # smoke run
+    python -m jaxdyn.experiments.compare --preset small                     # hours on CPU
 
-Trains the three models with identical data, seed, optimizer and shapes, then writes
-`results.md` / `results.json` (final validation loss, training FLOPs, tokens/s) and
-`val_loss.png` (validation loss against step and against training FLOPs).
+Trains the three models with identical data, seed, optimizer and layer shapes (the dense
+baseline gets the routed models' layer count; MoD and DTF share γ), then writes `results.md` /
+`results.json` (final validation loss, training FLOPs, tokens/s) and `val_loss.png`
+(validation loss against step and against training FLOPs). Extra `--config.…` flags apply to
+all three runs.
 """
 
 from __future__ import annotations
@@ -24,12 +28,52 @@ from jaxdyn.train import train_and_evaluate  # noqa: E402
 
 RUNS = (("standard", "configs/standard.py"), ("mod", "configs/mod.py"),
         ("dtf", "configs/dtf.py"))
+# Comparison presets: (config preset, overrides applied to every run).
+PRESETS = {
+    "tiny": ("tiny", []),
+    # The README table: byte-level tiny shapes (4 layers), 600 steps of 8×64 tokens.
+    "cpu": ("tiny", ["--config.train.steps=600", "--config.train.warmup_steps=30",
+                     "--config.eval.every=100", "--config.eval.batches=8",
+                     "--config.log.every=50", "--config.checkpoint.every=1000",
+                     "--config.sample.max_new_tokens=0", "--config.log.tensorboard=false"]),
+    "small": ("small", []),
+}
+
+
+def matched_configs(preset: str, overrides: list[str]) -> dict:
+    """{name: locked config} of the three runs; the dense baseline takes the routed models'
+    layer count (and no `model.routing.*` overrides), and every field but
+    `model.arch`/`model.routing` must then agree."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown compare preset {preset!r}; choose one of {sorted(PRESETS)}")
+    base, extra = PRESETS[preset]
+    routed = {name: configlib.load_config(f"{path}:{base}", [*extra, *overrides])
+              for name, path in RUNS[1:]}
+    layers = {c.model.num_layers for c in routed.values()}
+    if len(layers) != 1:
+        raise ValueError(f"MoD and DTF presets {base!r} differ in num_layers: {layers}")
+    dense_overrides = [o for o in overrides if not o.startswith("--config.model.routing.")]
+    cfgs = {"standard": configlib.load_config(
+        f"{RUNS[0][1]}:{base}", [*extra, *dense_overrides,
+                                 f"--config.model.num_layers={layers.pop()}"]), **routed}
+    cap = {cfgs[n].model.routing.capacity for n in ("mod", "dtf")}
+    if len(cap) != 1:
+        raise ValueError(f"MoD and DTF run at different capacities {cap}; pass "
+                         "--config.model.routing.capacity=… to match them")
+    ref = cfgs["standard"].to_dict()
+    for name in ("mod", "dtf"):
+        got = cfgs[name].to_dict()
+        diff = sorted(f"{sec}.{k}" for sec in ("model", "train", "data", "tokenizer")
+                      for k in ref[sec] if sec != "model" or k not in ("arch", "routing")
+                      if k not in ("no_decay", "lr_groups") and ref[sec][k] != got[sec][k])
+        if diff:
+            raise ValueError(f"{name} differs from the dense baseline in {diff}")
+    return cfgs
 
 
 def run_all(preset: str, out: str, overrides: list[str]) -> list[dict]:
     rows = []
-    for name, path in RUNS:
-        cfg = configlib.load_config(f"{path}:{preset}", overrides)
+    for name, cfg in matched_configs(preset, overrides).items():
         workdir = os.path.join(out, name)
         last = train_and_evaluate(cfg, workdir)
         mcfg = configlib.model_config(cfg)
@@ -78,7 +122,7 @@ def write_results(rows: list[dict], out: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m jaxdyn.experiments.compare")
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--steps", type=int, default=0, help="override train.steps (0 = preset)")
     args, rest = ap.parse_known_args()
