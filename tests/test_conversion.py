@@ -284,6 +284,18 @@ def _add_tokenizer(folder: str) -> None:
         json.dump({"bos_token": "<s>", "eos_token": "</s>"}, f)
 
 
+def test_load_for_inference_converts_an_hf_folder(hf, imported, tmp_path):
+    src = str(tmp_path / "hf")
+    shutil.copytree(hf["llama3"][1], src)
+    _add_tokenizer(src)
+    cfg, params, tok = load_for_inference(src)
+    ref_cfg, ref = imported["llama3"]
+    assert cfg == ref_cfg and tok.encode("w5 w7") == [5, 7] and tok.eos_id == 2
+    assert all(np.array_equal(v, flat(ref)[k]) for k, v in flat(params).items())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_for_inference(str(tmp_path / "missing"))
+
+
 def test_cli_import_generate_export(hf, imported, tmp_path):
     from jaxdyn.checkpoint import load_model
 
@@ -291,9 +303,7 @@ def test_cli_import_generate_export(hf, imported, tmp_path):
     src = str(tmp_path / "hf")
     shutil.copytree(d, src)
     _add_tokenizer(src)
-    # An HF folder works directly for inference (converted on the fly).
-    cfg0, params0, tok0 = load_for_inference(src)
-    assert tok0.encode("w5 w7") == [5, 7]
+    cfg0, params0 = imported["qwen2_tied"]
     assert cli(["import", src, str(tmp_path / "imp")]) == 0
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
               "model_config.json"):
