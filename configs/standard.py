@@ -145,8 +145,10 @@ def base_config(preset: str) -> mlc.ConfigDict:
     # workdir: "" = from scratch. A routed model (mod/dtf) transfers a dense import.
     c.init = mlc.ConfigDict(dict(checkpoint=""))
     # Device mesh (jaxdyn/sharding.py); -1 = the remaining devices. Without -1 the first
-    # data·fsdp·tensor devices are used.
-    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # data·fsdp·tensor devices are used. dcn_* > 1: a hybrid mesh over slices (TPU multi-slice)
+    # or processes (elsewhere); data/fsdp/tensor are then the sizes inside one slice (ICI).
+    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1,
+                                 dcn_tensor=1))
     # Greedy sample printed at the end of training; max_new_tokens 0 = none.
     c.sample = mlc.ConfigDict(dict(prompt="def ", max_new_tokens=48, temperature=0.0))
     # Fail-fast switches (JAX practices §11).

@@ -93,19 +93,42 @@ class Checkpointer:
         return self.mngr.restore(step, args=ocp.args.Composite(**{
             META: ocp.args.JsonRestore()}))[META]
 
-    def restore_params(self, step: int) -> tuple[Any, Any]:
-        """(model params, LoRA factors) of a step, skipping the optimizer state (never read)."""
+    def _state_tree(self, step: int) -> Any:
         _quiet_orbax()
         item = os.path.join(self.directory, str(step), STATE)
-        ckptr = ocp.PyTreeCheckpointer()
-        tree = ckptr.metadata(item).item_metadata.tree
+        return item, ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
+
+    def params_shapes(self, step: int) -> Any:
+        """ShapeDtypeStructs of a step's model params, reading no array data."""
+        tree = self._state_tree(step)[1]["params"]["params"]
+        return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+
+    def restore_params(self, step: int, target: Any | None = None) -> tuple[Any, Any]:
+        """(model params, LoRA factors) of a step, skipping the optimizer state (never read).
+
+        `target`: ShapeDtypeStructs with shardings for the model params (each device reads
+        only its slice; LoRA factors are then replicated on the same mesh); default: all on
+        the first device."""
+        item, tree = self._state_tree(step)
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)
-        target["params"] = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), tree["params"])
-        args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=dev)
-                            if isinstance(x, jax.ShapeDtypeStruct) else ocp.RestoreArgs(), target)
-        out = ckptr.restore(item, args=ocp.args.PyTreeRestore(item=target, restore_args=args))
+        if target is not None:
+            leaf = jax.tree.leaves(target)[0]
+            rest = jax.sharding.NamedSharding(leaf.sharding.mesh, jax.sharding.PartitionSpec())
+        struct = lambda m, sh, dt=None: jax.ShapeDtypeStruct(tuple(m.shape), dt or m.dtype,
+                                                              sharding=sh)
+        restore = jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)
+        if target is None:
+            restore["params"] = jax.tree.map(lambda m: struct(m, dev), tree["params"])
+        else:
+            restore["params"] = {k: jax.tree.map(lambda m: struct(m, rest), v)
+                                 for k, v in tree["params"].items() if k != "params"}
+            restore["params"]["params"] = jax.tree.map(
+                lambda m, t: struct(m, t.sharding, t.dtype), tree["params"]["params"], target)
+        args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype)
+                            if isinstance(x, jax.ShapeDtypeStruct) else ocp.RestoreArgs(),
+                            restore)
+        ckptr = ocp.PyTreeCheckpointer()
+        out = ckptr.restore(item, args=ocp.args.PyTreeRestore(item=restore, restore_args=args))
         return out["params"]["params"], out["params"].get("lora") or {}
 
     def wait(self) -> None:
@@ -116,9 +139,31 @@ class Checkpointer:
         self.mngr.close()
 
 
-def load_model(path: str) -> tuple[ModelConfig, Any, str]:
+def _workdir_ckpt(path: str) -> tuple[Checkpointer, int]:
+    ckpt = Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
+    step = ckpt.latest_step()
+    if step is None:
+        ckpt.close()
+        raise FileNotFoundError(f"no finished checkpoint under {path}/checkpoints")
+    return ckpt, step
+
+
+def model_params_shapes(path: str) -> Any:
+    """Param ShapeDtypeStructs of an import folder or a training workdir, reading no arrays."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "params")):
+        return params_shapes(os.path.join(path, "params"))
+    ckpt, step = _workdir_ckpt(path)
+    try:
+        return ckpt.params_shapes(step)
+    finally:
+        ckpt.close()
+
+
+def load_model(path: str, target: Any | None = None) -> tuple[ModelConfig, Any, str]:
     """(cfg, params, tokenizer_dir) from a `conversion import` folder (`model_config.json` +
-    `params/`) or a training workdir (its latest checkpoint; LoRA factors merged in)."""
+    `params/`) or a training workdir (its latest checkpoint; LoRA factors merged in).
+    `target`: sharded ShapeDtypeStructs (see `load_params`) to read params shard by shard."""
     from jaxdyn.optim import merge_lora
 
     path = os.path.abspath(path)
@@ -129,13 +174,10 @@ def load_model(path: str) -> tuple[ModelConfig, Any, str]:
                                 "folder with `python -m conversion import HF_DIR OUT_DIR`")
     cfg = ModelConfig.load(cfg_path)
     if os.path.isdir(os.path.join(path, "params")):
-        return cfg, load_params(os.path.join(path, "params")), path
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
+        return cfg, load_params(os.path.join(path, "params"), target), path
+    ckpt, step = _workdir_ckpt(path)
     try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no finished checkpoint under {path}/checkpoints")
-        params, lora = ckpt.restore_params(step)
+        params, lora = ckpt.restore_params(step, target)
         meta = ckpt.restore_meta(step)
     finally:
         ckpt.close()

@@ -34,7 +34,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "checkpoint": ("every", "keep", "async_save"),
     "log": ("every", "tensorboard", "wandb", "wandb_project"),
     "init": ("checkpoint",),
-    "mesh": ("data", "fsdp", "tensor"),
+    "mesh": ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp", "dcn_tensor"),
     "sample": ("prompt", "max_new_tokens", "temperature"),
     "debug": ("transfer_guard", "check_finite", "debug_nans", "strict_rank_promotion"),
 }

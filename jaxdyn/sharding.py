@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -38,25 +39,61 @@ RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one size may be -1 meaning "the remaining devices"."""
-    devices = list(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
-    named = lambda: dict(zip(MESH_AXES, sizes, strict=True))
+def _resolve(sizes: list[int], n: int, what: str) -> tuple[int, ...]:
+    """Replace the one -1 in `sizes` by what is left of `n` devices; check the product."""
+    named = dict(zip(MESH_AXES, sizes, strict=True))
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {named()}")
+        raise ValueError(f"at most one mesh axis may be -1, got {named}")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices are not divisible by the fixed mesh axes "
-                             f"{named()}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {named()} needs {math.prod(sizes)} devices, "
-                         f"{len(devices)} are available; use -1 for one axis")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                         devices=devices)
+        if n % known:
+            raise ValueError(f"{n} devices{what} are not divisible by the fixed mesh axes {named}")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise ValueError(f"mesh {named} needs {math.prod(sizes)} devices, {n} are available"
+                         f"{what}; use -1 for one axis")
+    return tuple(sizes)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None,
+              dcn: Sequence[int] = (1, 1, 1)) -> Mesh:
+    """A (data, fsdp, tensor) mesh with `AxisType.Auto` axes; one size may be -1 ("the rest").
+
+    `dcn` = (data, fsdp, tensor) counts of slices (multi-slice TPU) or else processes (e.g.
+    GPU hosts, CPU) along each axis: the sizes above are then per
+    slice (ICI) and each axis spans ici × dcn devices, the slow links carrying the outer part
+    (`mesh_utils.create_hybrid_device_mesh`). Keep model-parallel axes on ICI: dcn=(n, 1, 1).
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    dcn = tuple(int(d) for d in dcn)
+    if len(dcn) != 3 or min(dcn) < 1:
+        raise ValueError(f"mesh dcn sizes must be 3 positive ints (data, fsdp, tensor), got {dcn}")
+    auto = (AxisType.Auto,) * 3  # Explicit would turn logical constraints into assertions
+    if dcn == (1, 1, 1):
+        shape = _resolve([data, fsdp, tensor], len(devices), "")
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    granules = math.prod(dcn)
+    if len(devices) % granules:
+        raise ValueError(f"{len(devices)} devices cannot form {granules} equal slices "
+                         f"(dcn={dict(zip(MESH_AXES, dcn, strict=True))})")
+    ici = _resolve([data, fsdp, tensor], len(devices) // granules, " per slice")
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    by_process = None in slices or len(slices) != granules  # GPU hosts, CPU: one per process
+    try:
+        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                   process_is_granule=by_process)
+    except ValueError as e:
+        unit = "processes" if by_process else "slices"
+        raise ValueError(f"cannot build an ICI {ici} x DCN {dcn} mesh: {e}; the product of the "
+                         f"dcn sizes must equal the number of {unit}") from e
+    return Mesh(arr, MESH_AXES, axis_types=auto)
+
+
+def mesh_from_config(m: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """`make_mesh` from a config's `mesh` block (data, fsdp, tensor and optional dcn_*)."""
+    dcn = tuple(int(m.get(f"dcn_{a}", 1)) for a in MESH_AXES)
+    return make_mesh(m.data, m.fsdp, m.tensor, devices=devices, dcn=dcn)
 
 
 def _axis_size(mesh: Mesh, axis) -> int:

@@ -34,11 +34,13 @@ class CheckpointMismatchError(ValueError):
 
 
 def make_mesh(cfg: mlc.ConfigDict) -> jax.sharding.Mesh:
-    """cfg.mesh over all devices when an axis is -1, else over the first data·fsdp·tensor."""
+    """cfg.mesh over all devices when an axis is -1, else over the first data·fsdp·tensor
+    (times the dcn_* slice counts for a multi-slice / multi-process hybrid mesh)."""
     m = cfg.mesh
     sizes = (m.data, m.fsdp, m.tensor)
-    devices = jax.devices() if -1 in sizes else jax.devices()[:math.prod(sizes)]
-    mesh = sharding.make_mesh(*sizes, devices=devices)
+    n = math.prod(sizes) * math.prod(m.get(f"dcn_{a}", 1) for a in sharding.MESH_AXES)
+    devices = jax.devices() if -1 in sizes else jax.devices()[:n]
+    mesh = sharding.mesh_from_config(m, devices=devices)
     rows = cfg.train.batch_size // cfg.train.grad_accum
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     if rows % split:
@@ -63,13 +65,20 @@ def make_tokenizer_for(cfg: mlc.ConfigDict, workdir: str):
     from jaxdyn.data import DataConfig, load_documents
     from jaxdyn.tokenizer import make_tokenizer
 
-    texts = None
     directory = os.path.join(workdir, "tokenizer")
-    if cfg.tokenizer.kind == "bpe" and not os.path.isdir(directory):
-        texts = load_documents(DataConfig(**cfg.data.to_dict()), "train")
-    return make_tokenizer(cfg.tokenizer.kind, directory=directory, texts=texts,
-                          vocab_size=cfg.tokenizer.vocab_size,
-                          checkpoint_dir=cfg.init.checkpoint or None)
+    make = lambda texts: make_tokenizer(cfg.tokenizer.kind, directory=directory, texts=texts,
+                                        vocab_size=cfg.tokenizer.vocab_size,
+                                        checkpoint_dir=cfg.init.checkpoint or None)
+    if cfg.tokenizer.kind != "bpe" or os.path.isdir(directory):
+        return make(None)
+    # BPE is trained once, by process 0; the others load its folder (a shared workdir).
+    if distributed.is_main_process():
+        tok = make(load_documents(DataConfig(**cfg.data.to_dict()), "train"))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxdyn: tokenizer trained")
+    return tok if distributed.is_main_process() else make(None)
 
 
 def make_data(cfg: mlc.ConfigDict, tok, mesh) -> tuple[Any, list[dict]]:
@@ -85,9 +94,58 @@ def make_data(cfg: mlc.ConfigDict, tok, mesh) -> tuple[Any, list[dict]]:
     it = make_train_iterator(dc, tok, seq_len=cfg.train.seq_len, batch_size=micro // n_proc,
                              seed=cfg.train.seed, process_index=jax.process_index(),
                              process_count=n_proc)
-    evals = make_eval_batches(dc, tok, seq_len=cfg.train.seq_len, batch_size=micro // n_proc,
-                              max_batches=cfg.eval.batches)
+    rows, i = micro // n_proc, jax.process_index()  # each process: its rows of a global batch
+    evals = [{k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+             for batch in make_eval_batches(dc, tok, seq_len=cfg.train.seq_len,
+                                            batch_size=micro, max_batches=cfg.eval.batches)]
     return it, evals
+
+
+# ----------------------------------------------------------------------------- multi-process
+
+
+def _allgather_json(obj: Any) -> list[Any]:
+    """Every process's JSON-able `obj`, in process order (a collective; one process: [obj])."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    n = int(np.max(multihost_utils.process_allgather(np.array([raw.size], np.int32))))
+    padded = np.zeros(n, np.uint8)
+    padded[:raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]
+
+
+def gather_data_state(state: dict) -> dict:
+    """The iterator states of all processes for one checkpoint (orbax's JSON item is written
+    by process 0 only): one process -> its state; several -> {"processes": [...]}."""
+    states = _allgather_json(state)
+    return states[0] if len(states) == 1 else {"processes": states}
+
+
+def restore_data_state(it, saved: dict) -> list[str]:
+    """Put this process's iterator where the checkpoint left it. With another process count
+    positions cannot be mapped (documents are split by process), so the data restarts at the
+    next epoch boundary after the furthest process; returns the note to log."""
+    states = saved.get("processes", [saved])
+    if len(states) == jax.process_count():
+        it.restore(states[jax.process_index()])
+        return []
+    epoch = max(int(st["epoch"]) for st in states) + 1
+    it.restore({**it.state(), "epoch": epoch, "doc": 0, "offset": 0})
+    return [f"data: checkpoint from {len(states)} processes resumed on "
+            f"{jax.process_count()}; data order restarts at epoch {epoch}"]
+
+
+def host_params(tree: Any) -> Any:
+    """numpy copy of a (possibly cross-host sharded) tree on every process (collective)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
 def accum_sharding(mesh) -> NamedSharding:
@@ -107,7 +165,9 @@ def stack_batches(it, accum: int, mesh) -> dict[str, jax.Array]:
 
 
 def _source(path: str) -> tuple[ModelConfig, Any, Any]:
-    """(cfg, param shapes, loader) of an import folder or a training workdir."""
+    """(cfg, param shapes, loader) of an import folder or a training workdir. `loader(target)`
+    reads the params; a target tree of sharded ShapeDtypeStructs makes orbax read each
+    device's slice straight into its shard (no full copy on any device)."""
     cfg_path = os.path.join(path, "model_config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"init.checkpoint {path!r} has no model_config.json; import a "
@@ -115,12 +175,16 @@ def _source(path: str) -> tuple[ModelConfig, Any, Any]:
     icfg = ModelConfig.load(cfg_path)
     if os.path.isdir(os.path.join(path, "params")):
         return icfg, params_shapes(os.path.join(path, "params")), \
-            lambda: load_params(os.path.join(path, "params"))
-    from jaxdyn.checkpoint import load_model
+            lambda target=None: load_params(os.path.join(path, "params"), target)
+    from jaxdyn.checkpoint import load_model, model_params_shapes
 
-    params = load_model(path)[1]
-    return icfg, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params), \
-        lambda: params
+    return icfg, model_params_shapes(path), \
+        lambda target=None: load_model(path, target=target)[1]
+
+
+def _sharded_target(shapes: Any, dtype, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s),
+                        shapes, shardings)
 
 
 def check_init_checkpoint(cfg: mlc.ConfigDict) -> None:
@@ -143,12 +207,25 @@ def check_init_checkpoint(cfg: mlc.ConfigDict) -> None:
             "set those model fields to the checkpoint's model_config.json")
 
 
-def initial_params(cfg: mlc.ConfigDict, rng: jax.Array) -> tuple[Any, list[str]]:
+def initial_params(cfg: mlc.ConfigDict, rng: jax.Array,
+                   mesh: jax.sharding.Mesh | None = None) -> tuple[Any, list[str]]:
     """(params, report): random, or loaded from `init.checkpoint` (same architecture, either
-    layer layout) or transferred from a dense import into a routed model."""
+    layer layout) or transferred from a dense import into a routed model.
+
+    With `mesh`, params are created in their rules-table shardings: random init runs under
+    `jit(out_shardings=...)` and checkpoints are restored by orbax onto sharded
+    ShapeDtypeStruct targets, so no device ever holds a full copy of a sharded tensor.
+    `mesh` defaults to the one made current by `jax.set_mesh` (none: plain host/device 0)."""
     mcfg = configlib.model_config(cfg)
+    if mesh is None and not jax.sharding.get_mesh().empty:
+        mesh = jax.sharding.get_mesh()
+    p_sh = sharding.param_shardings(mcfg, mesh) if mesh is not None else None
     if not cfg.init.checkpoint:
-        return init_params(mcfg, rng), ["init: random (no init.checkpoint)"]
+        if mesh is None:
+            return init_params(mcfg, rng), ["init: random (no init.checkpoint)"]
+        with jax.set_mesh(mesh):
+            params = jax.jit(lambda r: init_params(mcfg, r), out_shardings=p_sh)(rng)
+        return params, ["init: random (no init.checkpoint)"]
     check_init_checkpoint(cfg)
     icfg, shapes, load = _source(cfg.init.checkpoint)
     if mcfg.arch != "dense" and icfg.arch == "dense":
@@ -162,7 +239,15 @@ def initial_params(cfg: mlc.ConfigDict, rng: jax.Array) -> tuple[Any, list[str]]
         raise CheckpointMismatchError(f"init.checkpoint {cfg.init.checkpoint!r}: parameter "
                                       "shapes differ from the configured model's")
     dtype = jnp.dtype(mcfg.param_dtype)
-    params = jax.tree.map(lambda x: jnp.asarray(x, dtype), relayout(load()))
+    if mesh is None:
+        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), relayout(load()))
+    elif shape_of(shapes) == shape_of(want):  # same layer layout: read shards in place
+        params = load(_sharded_target(shapes, dtype, p_sh))
+    else:  # other layout: read in the stored layout's shardings, relayout on the devices
+        stored = mcfg.replace(scan_layers=not mcfg.scan_layers)
+        raw = load(_sharded_target(shapes, dtype, sharding.param_shardings(stored, mesh)))
+        with jax.set_mesh(mesh):
+            params = jax.jit(relayout, out_shardings=p_sh)(raw)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     return params, [f"init from {cfg.init.checkpoint}: loaded {len(jax.tree.leaves(params))} "
                     f"tensors ({n / 1e6:.2f}M params); new parameters: none"]
