@@ -198,7 +198,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--repetition_penalty", type=float, default=1.0)
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time", help="YYYY-MM-DD date for a temporal-adapter checkpoint")
+    ap.add_argument("--graph", help="causal graph JSON (temporal record schema) for it")
     args = ap.parse_args(argv)
+    if args.time is not None or args.graph is not None:  # temporal adapters (DYNAMO)
+        from jaxdyn.temporal_generate import cli
+
+        return cli(args)
 
     cfg, params, tok = load_for_inference(args.checkpoint)
     texts = read_prompts(args.prompt, args.prompts)
