@@ -269,6 +269,22 @@ def iter_docs(paths: Sequence[str], doc_sep: int | None = None,
             yield np.frombuffer(path.read_bytes(), np.uint8).astype(np.int64)
 
 
+def tokenized_sources(sources: Sequence[str], tokenizer_dir: str, text_field: str = "text",
+                      max_documents: int = 0):
+    """(tokenizer, token arrays) of the training split of each `jaxdyn.data` source, with
+    BOS/EOS exactly as the trainer adds them (so the tables see the model's documents)."""
+    from jaxdyn.data import DataConfig, load_documents, tokenize_documents
+    from jaxdyn.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    out = []
+    for src in sources:
+        texts = load_documents(DataConfig(source=src, text_field=text_field,
+                                          max_documents=max_documents), "train")
+        out += tokenize_documents(texts, tok)
+    return tok, out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m jaxdyn.cooccur", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -283,10 +299,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--buffer", type=int, default=1 << 22, help="keys per sorted run")
     ap.add_argument("--min_count", type=int, default=1)
     ap.add_argument("--fingerprint", default="", help="tokenizer fingerprint stored in meta")
+    ap.add_argument("--tokenizer", help="tokenizer (or checkpoint) folder: --data entries are "
+                    "jaxdyn.data sources (builtin, a text/JSONL/Parquet path, hub:NAME) read as "
+                    "text and tokenized like training data (train split only)")
+    ap.add_argument("--text_field", default="text", help="text column of JSONL/Parquet/hub data")
+    ap.add_argument("--max_documents", type=int, default=0, help="with --tokenizer; 0 = all")
     args = ap.parse_args(argv)
     docs = lambda: iter_docs(args.data, args.doc_sep, args.pad_id)
     V = args.vocab_size
-    if V is None and all(p == "builtin" for p in args.data):
+    if args.tokenizer:
+        tok, token_docs = tokenized_sources(args.data, args.tokenizer, args.text_field,
+                                            args.max_documents)
+        docs = lambda: iter(token_docs)
+        V = V or tok.vocab_size
+        args.fingerprint = args.fingerprint or tok.fingerprint()
+    elif V is None and all(p == "builtin" for p in args.data):
         V = 258  # the byte tokenizer of jaxdyn.tokenizer (bytes, EOS, PAD)
     elif V is None:
         V = max(int(d.max()) + 1 for d in docs() if d.size)

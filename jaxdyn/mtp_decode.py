@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -184,15 +184,19 @@ def _finish(out, done, b, toks, max_new, eos_id) -> int:
 def generate_verify(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[int]],
                     max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                     seed: int = 0, eos_id: int | None = None, n_heads: int = 3,
-                    head_depth: int = 1, bucket: int = 16, return_cache: bool = False
+                    head_depth: int = 1, bucket: int = 16, return_cache: bool = False,
+                    on_tokens: Callable[[int, list[list[int]]], None] | None = None
                     ) -> MTPResult:
     """Lossless decoding: greedy output equals plain greedy decoding of head 1; sampling keeps
-    head 1's processed distribution."""
+    head 1's processed distribution. `on_tokens(step, new_tokens_per_row)` streams."""
     tokens, positions, valid = left_pad(prompts, bucket)
     B, P = tokens.shape
     n = n_heads
     if max(len(p) for p in prompts) + max_new_tokens + n > cfg.max_position_embeddings:
-        raise ValueError("prompt + max_new_tokens + n_heads exceeds the model's context")
+        raise ValueError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens "
+                         f"({max_new_tokens}) + n_heads ({n}) exceeds the model's context of "
+                         f"{cfg.max_position_embeddings}; shorten the prompt or ask for fewer "
+                         "tokens")
     S = _cache_size(P, B, n, max_new_tokens, bucket)
     prefill, step = verify_steps(cfg, n, head_depth, sampling)
     rng = jax.random.key(seed)
@@ -205,6 +209,8 @@ def generate_verify(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[i
     done = np.zeros(B, bool)
     for b in range(B):
         _finish(out, done, b, blk[b, :1], max_new_tokens, eos_id)
+    if on_tokens:
+        on_tokens(0, [list(o) for o in out])
     pos = jnp.asarray(positions[:, -1] + 1)
     hist, reached, accepted = np.zeros(n + 1, np.int64), np.zeros(n - 1), np.zeros(n - 1)
     forwards = emitted = row_forwards = 0
@@ -214,6 +220,7 @@ def generate_verify(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[i
         host = np.asarray(host)
         a_h, nxt_h = host[:, -1], host[:, :-1]
         forwards += 1
+        before = [len(o) for o in out]
         for b in np.flatnonzero(~done):
             kept = _finish(out, done, b, [*blk[b, 1:1 + a_h[b]], nxt_h[b, 0]], max_new_tokens,
                            eos_id)
@@ -221,6 +228,8 @@ def generate_verify(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[i
             hist[min(kept, n)] += 1
             reached += np.arange(n - 1) <= a_h[b]
             accepted += np.arange(n - 1) < a_h[b]
+        if on_tokens:
+            on_tokens(forwards, [o[k:] for o, k in zip(out, before, strict=True)])
         block, blk = nxt, nxt_h
     t2 = time.perf_counter()
     return MTPResult(out, t1 - t0, t2 - t1, forwards, emitted, row_forwards, hist, reached,
@@ -262,15 +271,21 @@ def generate_multitoken(cfg: ModelConfig, params: dict, tables: CooccurTables,
                         prompts: Sequence[Sequence[int]], max_new_tokens: int,
                         opts: DynamoOptions = DynamoOptions(), seed: int = 0,
                         eos_id: int | None = None, n_heads: int = 3, head_depth: int = 1,
-                        bucket: int = 16, return_cache: bool = False) -> MTPResult:
-    """DynaMo sampling: each forward emits 1..n_max tokens chosen on the host (`mtp_grid`)."""
+                        bucket: int = 16, return_cache: bool = False,
+                        on_tokens: Callable[[int, list[list[int]]], None] | None = None
+                        ) -> MTPResult:
+    """DynaMo sampling: each forward emits 1..n_max tokens chosen on the host (`mtp_grid`);
+    `on_tokens(step, new_tokens_per_row)` streams."""
     if opts.n_max > n_heads:
         raise ValueError(f"n_max={opts.n_max} exceeds the model's n_heads={n_heads}")
     tokens, positions, valid = left_pad(prompts, bucket)
     B, P = tokens.shape
     n = n_heads
     if max(len(p) for p in prompts) + max_new_tokens + n > cfg.max_position_embeddings:
-        raise ValueError("prompt + max_new_tokens + n_heads exceeds the model's context")
+        raise ValueError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens "
+                         f"({max_new_tokens}) + n_heads ({n}) exceeds the model's context of "
+                         f"{cfg.max_position_embeddings}; shorten the prompt or ask for fewer "
+                         "tokens")
     S = _cache_size(P, B, n, max_new_tokens, bucket)
     fwd = multitoken_step(cfg, n, head_depth, plain_sampling(opts))
     rng, host_rng = jax.random.key(seed), np.random.default_rng(seed)
@@ -292,7 +307,7 @@ def generate_multitoken(cfg: ModelConfig, params: dict, tables: CooccurTables,
             t1 = time.perf_counter()
         else:
             forwards += 1
-        emit = []
+        emit, before = [], [len(o) for o in out]
         for b in range(B):
             if done[b]:
                 emit.append([ctx[b][-1]])
@@ -307,6 +322,8 @@ def generate_multitoken(cfg: ModelConfig, params: dict, tables: CooccurTables,
                 emitted, row_forwards = emitted + kept, row_forwards + 1
                 hist[kept] += 1
             emit.append(toks[:max(kept, 1)])
+        if on_tokens:
+            on_tokens(forwards, [o[k:] for o, k in zip(out, before, strict=True)])
         if done.all():
             break
         m = np.array([len(e) for e in emit])

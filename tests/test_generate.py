@@ -88,3 +88,104 @@ def test_repetition_penalty_changes_greedy_choice():
     s = SamplingConfig(repetition_penalty=1.2)
     assert int(sample(logits, jax.random.key(0), s, seen)[0]) == 1
     assert int(sample(logits, jax.random.key(0), SamplingConfig(), seen)[0]) == 0
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def save_checkpoint(path, cfg, params):
+    """An import-style folder (model_config.json + params/ + byte tokenizer)."""
+    from jaxdyn.checkpoint import save_params
+    from jaxdyn.tokenizer import byte_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    cfg.save(str(path / "model_config.json"))
+    save_params(str(path / "params"), params)
+    byte_tokenizer().save(str(path))
+    return str(path)
+
+
+def run_cli(capsys, *argv):
+    from jaxdyn.generate import main
+
+    main(list(argv))
+    out = capsys.readouterr()
+    return out.out, out.err
+
+
+def routed_cfg(arch):
+    small = dict(hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
+                 vocab_size=258, num_layers=4 if arch == "mod" else 2)
+    return tiny("qwen2", arch=arch, **small)
+
+
+@pytest.mark.parametrize("arch", ["dense", "mod", "dtf"])
+def test_cli_plain_equals_library_for_dense_mod_dtf(tmp_path, capsys, arch):
+    cfg = tiny("qwen2", vocab_size=258) if arch == "dense" else routed_cfg(arch)
+    params = jax.jit(lambda r: init_params(cfg, r))(jax.random.key(1))
+    ckpt = save_checkpoint(tmp_path / arch, cfg, params)
+    out, err = run_cli(capsys, "--checkpoint", ckpt, "--prompt", "def f(",
+                       "--max_new_tokens", "6")
+    ref = generate(cfg, params, [list(b"def f(")], 6, eos_id=256).tokens[0]
+    ref = [t for t in ref if t != 256]
+    assert out == f"=== 'def f('\n{bytes(ref).decode('utf-8', errors='replace')}\n"
+    assert "tokens/s" in err and "[plain:" in err
+
+
+def test_cli_hf_folder_imported_on_the_fly(tmp_path, capsys):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from jaxdyn.tokenizer import byte_tokenizer
+
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=258, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, max_position_embeddings=128,
+                                      tie_word_embeddings=False))
+    hf.save_pretrained(tmp_path / "hf")
+    byte_tokenizer().save(str(tmp_path / "hf"))
+    out, _ = run_cli(capsys, "--checkpoint", str(tmp_path / "hf"), "--prompt", "ab",
+                     "--max_new_tokens", "5")
+    with torch.no_grad():  # greedy reference in PyTorch
+        seq = torch.tensor([list(b"ab")])
+        for _ in range(5):
+            seq = torch.cat([seq, hf(seq).logits[:, -1:].argmax(-1)], 1)
+    ref = [t for t in seq[0, 2:].tolist() if t != 256]
+    assert out == f"=== 'ab'\n{bytes([t for t in ref if t < 256]).decode('utf-8', 'replace')}\n"
+
+
+def test_cli_mtp_verify_equals_plain_and_multitoken_reports(tmp_path, capsys):
+    from jaxdyn.cooccur import main as cooccur_main
+    from jaxdyn.model.heads import init_mtp_params
+
+    cfg = tiny("gpt_neox", vocab_size=258, num_layers=2)
+    ckpt = save_checkpoint(tmp_path / "mtp", cfg, init_mtp_params(cfg, 3, jax.random.key(2)))
+    args = ["--checkpoint", ckpt, "--prompt", "import os", "--max_new_tokens", "12"]
+    plain, _ = run_cli(capsys, *args)
+    verify, err = run_cli(capsys, *args, "--mode", "verify")
+    assert verify == plain and "acceptance" in err and "tokens/forward" in err
+    (tmp_path / "corpus.txt").write_text("import os\nimport sys\n" * 20)
+    cooccur_main(["--data", str(tmp_path / "corpus.txt"), "--tokenizer", ckpt,
+                  "--vocab_size", "258", "--out", str(tmp_path / "mtp" / "cooccur")])
+    capsys.readouterr()
+    _, err = run_cli(capsys, *args, "--mode", "multitoken", "--threshold", "1.0")
+    assert "1.00 tokens/forward" in err and "ε_b=1.0" in err
+
+
+def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
+    cfg = tiny("qwen2", vocab_size=258, max_position_embeddings=64)
+    ckpt = save_checkpoint(tmp_path / "d", cfg, init_params(cfg, jax.random.key(0)))
+    from jaxdyn.generate import main
+
+    cases = [
+        (["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"], "does not exist"),
+        (["--checkpoint", str(tmp_path), "--prompt", "x"], "model_config.json"),
+        (["--checkpoint", ckpt, "--prompt", ""], "encodes to no tokens"),
+        (["--checkpoint", ckpt, "--prompt", "x" * 80], "exceeds the model's context of 64"),
+        (["--checkpoint", ckpt, "--prompt", "x", "--mode", "verify"], "multi-token checkpoint"),
+        (["--checkpoint", ckpt], "exactly one of --prompt"),
+    ]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit, match=msg):
+            main(argv)
