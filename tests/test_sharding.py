@@ -27,6 +27,28 @@ def test_mesh_sizes_and_errors():
         sharding.make_mesh(data=3, fsdp=2, tensor=2)
 
 
+def test_mesh_axes_are_auto_and_rules_keep_sequence_whole():
+    """Auto axes (Explicit would turn logical constraints into assertions); `length` is never
+    sharded, so routed blocks gather/scatter along the sequence on one device."""
+    from jax.sharding import AxisType
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    assert tuple(mesh.axis_types) == (AxisType.Auto,) * 3
+    rules = dict(sharding.RULES)
+    assert rules["length"] is None and rules["batch"] == ("data", "fsdp")
+
+
+def test_hybrid_mesh_needs_one_granule_per_dcn_entry():
+    """dcn sizes count slices/processes: 1 process cannot be 2 DCN groups (clear error);
+    dcn all 1 is the plain mesh; ICI -1 resolves per slice."""
+    with pytest.raises(ValueError, match="dcn sizes must equal the number of processes"):
+        sharding.make_mesh(data=-1, fsdp=2, dcn=(2, 1, 1))
+    with pytest.raises(ValueError, match="3 positive ints"):
+        sharding.make_mesh(dcn=(0, 1, 1))
+    assert dict(sharding.make_mesh(1, -1, 2, dcn=(1, 1, 1)).shape) == {
+        "data": 1, "fsdp": 4, "tensor": 2}
+
+
 def test_param_shardings_follow_rules_and_replicate_indivisible():
     cfg = tiny("qwen2", num_kv_heads=1, num_heads=4)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
