@@ -19,7 +19,11 @@ from jaxdyn.distributed import is_main_process
 
 
 def flatten_aux(aux: dict[str, Any]) -> dict[str, float]:
-    """Per-unit aux metrics [U] -> `router/layer_{i}/name` plus the mean `router/name`."""
+    """Per-unit aux metrics [U] -> `router/layer_{i}/name` plus the mean `router/name`.
+
+    Each MoD/DTF scan unit holds one routed layer, so `layer_{i}` is the i-th routed layer
+    (model layer 2i+1); the weighted aux losses are logged as their mean, `router/loss_name`.
+    """
     out = {}
     for name, v in aux.get("metrics", {}).items():
         v = np.asarray(v, np.float64).reshape(-1)

@@ -152,6 +152,8 @@ class DTFUnit(nn.Module):
             m_BT = topk_mask(g_BT, valid_BT, k)  # targets for the (eval) metrics only
             sel_frac = masked_mean(d_BT.astype(f32), w_BT)
 
+        self.sow("intermediates", "routing", {"gate": g_BT, "topk": m_BT})  # visualize
+
         # Prior loss: the prior predicts the Decision layer's update (input H not detached).
         if opt["prior_loss_form"] == "thesis":
             err_BTD = h_BTD.astype(f32) + dhat_BTD - sg(hp_BTD.astype(f32))

@@ -92,6 +92,7 @@ class MoDUnit(nn.Module):
             m_BT = topk_mask(r_BT, valid_BT, k)  # targets for the (eval) metrics only
             sel_frac = masked_mean(d_BT.astype(f32), w_BT)
 
+        self.sow("intermediates", "routing", {"gate": gate_BT, "topk": m_BT})  # visualize
         m = jax.lax.stop_gradient(m_BT.astype(f32))
         aux_bce = masked_mean(bce_with_logits(r_BT, m), w_BT)
         z_loss = masked_mean(jnp.square(r_BT), w_BT)
