@@ -103,6 +103,13 @@ def test_e_compiled_cost_scales_with_k():
         flops[k] = cost["flops"]
     # matmuls scale with k, attention with k²: 4x more tokens must cost well over 3x.
     assert flops[T // 2] > 3.0 * flops[T // 8], flops
+    # ... and routing half the tokens really saves compute against the dense layer on all T.
+    dense = jax.jit(lambda p, x, pos: DecoderLayer(CFG).apply(
+        {"params": p["params"]["block"]}, x, None, {"pos_BT": pos, "seg_BT": None,
+                                                    "index": None})[0])
+    cost = dense.lower(params, x, pos).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    assert flops[T // 2] < 0.7 * cost["flops"], (flops, cost["flops"])
 
 
 def test_padding_never_competes_and_short_rows_add_nothing():
