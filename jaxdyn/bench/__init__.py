@@ -92,10 +92,10 @@ ORDER = ("forward", "decode", "train", "routing", "multitoken", "scaling", "conv
 
 
 def run_suites(names: list[str], preset: str, profile: str | None = None,
-               device_counts: tuple[int, ...] | None = None,
-               multitoken_dir: str | None = None) -> tuple[list[dict], dict]:
+               **options) -> tuple[list[dict], dict]:
     """Run `names` ("all" = every suite) on `preset`; (rows, meta). A failing suite yields
-    one row naming the error, so the others still report."""
+    one row naming the error, so the others still report. `options` reach the suites:
+    `device_counts` (scaling), `routing_variants` ((arch, capacity) pairs), `multitoken_dir`."""
     import traceback
 
     from jaxdyn.bench import common
@@ -109,8 +109,7 @@ def run_suites(names: list[str], preset: str, profile: str | None = None,
     meta = {"preset": preset, "preset_shapes": p.model, "batch": p.batch, "seq_len": p.seq_len,
             "env": common.environment(), "peaks": common.peaks(common.compute_dtype(p)),
             "suites": names}
-    ctx = {"peaks": meta["peaks"], "profile": profile, "device_counts": device_counts,
-           "multitoken_dir": multitoken_dir}
+    ctx = {"peaks": meta["peaks"], "profile": profile, **options}
     rows, times = [], {}
     for name in names:
         t0 = time.perf_counter()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 
@@ -20,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
                                                     "step into this folder (train suite)")
     ap.add_argument("--devices", default=None,
                     help="scaling suite: comma-separated device counts (default 1,2,4,8)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed calls per measurement (default: the preset's)")
     args = ap.parse_args(argv)
+    if args.repeats:
+        PRESETS[args.preset] = dataclasses.replace(PRESETS[args.preset], repeats=args.repeats)
     counts = tuple(int(x) for x in args.devices.split(",")) if args.devices else None
     suites = args.suite or ["all"]
     if args.profile and "train" not in suites and "all" not in suites:

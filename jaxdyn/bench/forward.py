@@ -48,7 +48,7 @@ def run_forward(preset_name: str, ctx: dict) -> list[dict]:
 
         common.torch_threads()
         hf = common.hf_model(cfg)
-        tt = torch.from_numpy(np.asarray(tokens)).long()
+        tt = torch.tensor(np.asarray(tokens), dtype=torch.long)
         with torch.inference_mode():
             tr = common.time_fn(lambda: hf(input_ids=tt).logits, p.repeats)
         ref = _row(suite="forward", name=f"forward B{B}xT{T}", impl="torch",

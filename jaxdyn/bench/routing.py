@@ -18,14 +18,12 @@ VARIANTS = (("dense", None), ("mod", 0.125), ("mod", 0.5), ("dtf", 0.125), ("dtf
 CONFIG_FILE = {"dense": "standard", "mod": "mod", "dtf": "dtf"}
 
 
-def forward_time(cfg, repeats: int) -> float:
+def forward_time(cfg, params, repeats: int) -> float:
     """Best seconds of the jitted training-mode forward (top-k routing), hidden states only."""
     from jaxdyn import configlib
-    from jaxdyn.model import build, init_params
+    from jaxdyn.model import build
 
-    mcfg = configlib.model_config(cfg)
-    params = init_params(mcfg, jax.random.key(0))
-    model = build(mcfg)
+    model = build(configlib.model_config(cfg))
     batch = common.random_batch(cfg)
     tok, pos = batch["tokens"][0], batch["positions"][0]
     fwd = jax.jit(lambda prm: model.apply({"params": prm}, tok, pos, compute_logits=False).hidden)
@@ -40,13 +38,12 @@ def run(preset_name: str, ctx: dict) -> list[dict]:
     tokens = p.batch * p.seq_len
     peak = ctx["peaks"].get("peak_flops_measured")
     rows, dense = [], None
-    for arch, cap in VARIANTS:
+    for arch, cap in ctx.get("routing_variants") or VARIANTS:
         cfg = common.train_config(p, CONFIG_FILE[arch], capacity=cap)
         mcfg = configlib.model_config(cfg)
         f = routed_flops_per_token(mcfg, p.seq_len)
-        fwd_s = forward_time(cfg, p.repeats)
         tr = jaxdyn_step(cfg, ctx, p.repeats)
-        del tr["state"]
+        fwd_s = forward_time(cfg, tr.pop("state").params["params"], p.repeats)
         name = arch if cap is None else f"{arch} c{cap}"
         row = {"suite": "routing", "name": name, "impl": "jaxdyn",
                "tokens_per_s": tokens / tr["best_s"], "step_ms": 1e3 * tr["best_s"],

@@ -21,11 +21,14 @@ TRAIN_TARGET = 1.2
 def jaxdyn_step(cfg, ctx: dict, repeats: int, profile_dir: str | None = None) -> dict:
     """Time the trainer's step on `cfg`; returns the timing dict plus flops and memory."""
     from jaxdyn import configlib, flops, sharding
+    from jaxdyn.model import init_params
     from jaxdyn.train import create_train_state, make_train_step
     from jaxdyn.train_setup import accum_sharding, make_mesh
 
     mesh = make_mesh(cfg)
-    state = create_train_state(cfg, jax.random.key(0), mesh=mesh)
+    mcfg = configlib.model_config(cfg)
+    params = jax.jit(lambda r: init_params(mcfg, r))(jax.random.key(1))  # one compile, not eager
+    state = create_train_state(cfg, jax.random.key(0), params=params, mesh=mesh)
     batch = jax.device_put(common.random_batch(cfg), accum_sharding(mesh))
     with jax.set_mesh(mesh), sharding.rules_context():
         step = jax.jit(make_train_step(cfg), donate_argnums=0)
@@ -33,7 +36,6 @@ def jaxdyn_step(cfg, ctx: dict, repeats: int, profile_dir: str | None = None) ->
         if profile_dir:
             with jax.profiler.trace(profile_dir):
                 state = common.block(step(state, batch)[0])
-    mcfg = configlib.model_config(cfg)
     f_tok = flops.train_flops_per_token(mcfg, cfg.train.seq_len)
     return {**t, "flops_per_token": f_tok["model"],
             "dense_flops_per_token": f_tok["dense_equivalent"], "state": state, "mesh": mesh}
