@@ -168,8 +168,10 @@ def cli(args) -> None:
     """`python -m jaxdyn.generate --checkpoint DIR --prompt … --time … --graph …` (greedy)."""
     from jaxdyn.generate import read_prompts, truncate_at_stop
 
-    if args.temperature != 0.0 or args.top_k or args.top_p != 1.0:
-        raise SystemExit("temporal generation is greedy; drop --temperature/--top_k/--top_p")
+    if (args.temperature or 0.0) != 0.0 or args.top_k or (args.top_p or 1.0) != 1.0 or \
+            getattr(args, "mode", "plain") != "plain":
+        raise SystemExit("temporal generation is greedy, plain mode; drop --temperature/"
+                         "--top_k/--top_p/--mode")
     try:
         model = load_temporal(args.checkpoint)
         for text in read_prompts(args.prompt, args.prompts):
