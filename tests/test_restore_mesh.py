@@ -26,10 +26,15 @@ def cfg():
 
 
 @pytest.fixture(scope="module")
-def saved(cfg, tmp_path_factory):
+def fresh(cfg):
+    """Random params created sharded on a 2x2x2 mesh (one jitted init shared by the tests)."""
+    return initial_params(cfg, KEY, sharding.make_mesh(2, 2, 2))[0]
+
+
+@pytest.fixture(scope="module")
+def saved(cfg, fresh, tmp_path_factory):
     """A workdir whose step-3 checkpoint was written from a 2x2x2 mesh (non-trivial moments)."""
-    mesh8 = sharding.make_mesh(2, 2, 2)
-    state = create_train_state(cfg, KEY, mesh=mesh8)
+    state = create_train_state(cfg, KEY, params=fresh, mesh=sharding.make_mesh(2, 2, 2))
     bump = lambda x: x * 1.5 + 0.25 if jnp.issubdtype(x.dtype, jnp.floating) else x + 3
     state = jax.tree.map(bump, state)  # elementwise: shardings kept, moments no longer zero
     work = tmp_path_factory.mktemp("work")
@@ -80,11 +85,11 @@ def test_workdir_params_load_into_shardings(cfg, saved):
 
 
 @pytest.mark.parametrize("layout", ["scanned", "unrolled"])
-def test_import_loads_straight_into_sharded_layout(cfg, tmp_path, layout):
+def test_import_loads_straight_into_sharded_layout(cfg, fresh, tmp_path, layout):
     """An imported checkpoint (`model_config.json` + `params/`, either layer layout) becomes
     the trainer's initial params already in the rules-table shardings of the mesh."""
     mcfg = configlib.model_config(cfg)
-    ref = jax.device_get(initial_params(cfg, jax.random.key(7))[0])
+    ref = jax.device_get(fresh)
     stored = ref if layout == "scanned" else unstack_layers(ref)
     save_params(str(tmp_path / "params"), stored)
     mcfg.replace(scan_layers=layout == "scanned").save(str(tmp_path / "model_config.json"))
@@ -97,12 +102,11 @@ def test_import_loads_straight_into_sharded_layout(cfg, tmp_path, layout):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), ref)
 
 
-def test_random_init_is_created_sharded_and_mesh_independent(cfg):
+def test_random_init_is_created_sharded_and_mesh_independent(cfg, fresh):
     mesh = sharding.make_mesh(2, 2, 2)
-    params = initial_params(cfg, KEY, mesh)[0]
-    _assert_in_shardings(params, sharding.param_shardings(configlib.model_config(cfg), mesh))
+    _assert_in_shardings(fresh, sharding.param_shardings(configlib.model_config(cfg), mesh))
     one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     with jax.set_mesh(one):  # the mesh may also come from jax.set_mesh
         single = initial_params(cfg, KEY)[0]
     assert len(jax.tree.leaves(single)[0].sharding.device_set) == 1
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(single))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(fresh), jax.device_get(single))
