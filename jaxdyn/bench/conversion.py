@@ -59,7 +59,7 @@ def write_checkpoint(folder: str, shapes: dict) -> int:
 
     cfg = ModelConfig(**shapes)
     hf = common.hf_config(cfg)
-    hf.torch_dtype = "float32"
+    hf.dtype = "float32"
     hf.save_pretrained(folder)
     rng = np.random.default_rng(0)
     tensors = {k: (0.02 * rng.standard_normal(s, dtype=np.float32))
