@@ -25,16 +25,18 @@ def data_file(tmp_path_factory):
 
 
 def direct_logp(cfg, params, n_heads=1):
-    """Per document, log-probabilities [n, T, V] of an unpacked full forward pass."""
-    out = []
-    for t in TEXTS:
-        ids = np.asarray([list(t.encode()) + [256]], np.int32)
-        if n_heads == 1:
-            logits = build(cfg).apply({"params": params}, ids).logits[None, 0]
-        else:
-            logits = MultiTokenLM(cfg, n_heads).apply({"params": params}, ids).logits()[:, 0]
-        out.append((ids[0], np.asarray(jax.nn.log_softmax(logits, -1), np.float64)))
-    return out
+    """Per document, log-probabilities [n, T, V] of an unpacked forward pass (documents
+    right-padded into one batch: causal attention keeps the padding out of every position)."""
+    docs = [np.asarray(list(t.encode()) + [256], np.int32) for t in TEXTS]
+    ids = np.zeros((len(docs), 64), np.int32)
+    for i, d in enumerate(docs):
+        ids[i, :len(d)] = d
+    if n_heads == 1:
+        fwd = jax.jit(lambda p, x: build(cfg).apply({"params": p}, x).logits[None])
+    else:
+        fwd = jax.jit(lambda p, x: MultiTokenLM(cfg, n_heads).apply({"params": p}, x).logits())
+    logp = np.asarray(jax.nn.log_softmax(fwd(params, ids), -1), np.float64)  # [n, B, T, V]
+    return [(d, logp[:, i, :len(d)]) for i, d in enumerate(docs)]
 
 
 def test_ppl_equals_exp_of_mean_token_nll_computed_directly(data_file):
@@ -96,7 +98,8 @@ def test_cli_json_and_clear_errors(tmp_path, data_file, capsys):
     assert printed["documents"] == len(TEXTS) and printed["split"] == "all"
     for argv, msg in [
         (["--checkpoint", str(tmp_path / "missing")], "does not exist"),
-        (["--checkpoint", str(ckpt), "--data", str(tmp_path / "none.txt")], "--data"),
+        (["--checkpoint", str(ckpt), "--data", str(tmp_path / "none.txt"), "--seq_len", "64"],
+         "--data"),
         (["--checkpoint", str(ckpt), "--data", data_file, "--seq_len", "512"], "context"),
     ]:
         with pytest.raises(SystemExit, match=msg):
