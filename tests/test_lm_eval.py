@@ -1,6 +1,7 @@
 """lm-evaluation-harness adapter: its log-likelihoods equal the model's own (full forward,
 no adapter code) on requests and on a local custom lm_eval task; rolling scores; generation."""
 
+import functools
 import json
 import math
 
@@ -21,14 +22,21 @@ DOCS = [{"q": "1 + 1 =", "choices": ["2", "3", "11"], "gold": 0},
 @pytest.fixture(scope="module")
 def model():
     cfg = tiny("qwen2", vocab_size=258, max_position_embeddings=64)
-    return cfg, init_params(cfg, jax.random.key(0))
+    return cfg, jax.jit(lambda r: init_params(cfg, r))(jax.random.key(0))
+
+
+@functools.cache
+def _forward(cfg):
+    return jax.jit(lambda p, x: jax.nn.log_softmax(build(cfg).apply({"params": p}, x).logits))
 
 
 def own_loglik(cfg, params, ctx_ids, cont_ids):
-    """Σ log p(cont | ctx) from one full forward pass of the model itself."""
-    ids = np.asarray([list(ctx_ids) + list(cont_ids)], np.int32)
-    logp = np.asarray(jax.nn.log_softmax(build(cfg).apply({"params": params}, ids).logits[0]),
-                      np.float64)
+    """Σ log p(cont | ctx) from one full forward pass of the model itself (right-padded to 64:
+    causal attention keeps the padding out)."""
+    seq = list(ctx_ids) + list(cont_ids)
+    ids = np.zeros((1, 64), np.int32)
+    ids[0, :len(seq)] = seq
+    logp = np.asarray(_forward(cfg)(params, ids)[0], np.float64)
     n = len(ctx_ids)
     return float(sum(logp[n - 1 + j, t] for j, t in enumerate(cont_ids)))
 
