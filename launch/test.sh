@@ -10,4 +10,9 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import jax, flax, torch, transformers" # fail early if the install did not take
 export PYTHONUNBUFFERED=1
-exec .venv/bin/python -m pytest -q --durations=15 "$@"
+# Two workers (pytest-xdist) by default: the suite is compile-bound and compilation is mostly
+# single-threaded. JAXDYN_TEST_WORKERS=0 runs in one process.
+WORKERS="${JAXDYN_TEST_WORKERS:-2}"
+PAR=()
+if [ "$WORKERS" != "0" ]; then PAR=(-n "$WORKERS"); fi
+exec .venv/bin/python -m pytest -q --durations=25 "${PAR[@]}" "$@"
