@@ -18,6 +18,7 @@ writes JSON and the Markdown table.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 
@@ -32,28 +33,17 @@ def register(name: str):
     return deco
 
 
-@register("forward")
-def _forward(preset, ctx):
-    from jaxdyn.bench.forward import run_forward
-    return run_forward(preset, ctx)
+def _lazy(module: str, fn: str) -> SuiteFn:
+    """A suite whose module is imported only when it runs (torch, subprocesses, ...)."""
+    def suite(preset, ctx):
+        return getattr(importlib.import_module(f"jaxdyn.bench.{module}"), fn)(preset, ctx)
+    return suite
 
 
-@register("decode")
-def _decode(preset, ctx):
-    from jaxdyn.bench.forward import run_decode
-    return run_decode(preset, ctx)
-
-
-@register("train")
-def _train(preset, ctx):
-    from jaxdyn.bench.train import run
-    return run(preset, ctx)
-
-
-@register("routing")
-def _routing(preset, ctx):
-    from jaxdyn.bench.routing import run
-    return run(preset, ctx)
+for _name, _module, _fn in (("forward", "forward", "run_forward"),
+                            ("decode", "forward", "run_decode"),
+                            ("train", "train", "run"), ("routing", "routing", "run")):
+    register(_name)(_lazy(_module, _fn))
 
 
 @register("multitoken")
