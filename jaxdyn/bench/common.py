@@ -196,6 +196,18 @@ def ratio_row(row: dict, ref: dict, ref_name: str, key: str = "tokens_per_s") ->
     return row
 
 
+def torch_ratio_target(row: dict, ref: dict, target: float) -> dict:
+    """`ratio_row` against the PyTorch reference, plus a `>= target x` CPU throughput target
+    (the CPU targets of the issues; other backends report the ratio without a verdict)."""
+    import jax
+
+    ratio_row(row, ref, "torch")
+    row["target"] = f">= {target}x torch (CPU)"
+    if jax.default_backend() == "cpu" and row["ratio"] is not None:
+        row["meets_target"] = row["ratio"] >= target
+    return row
+
+
 def torch_threads() -> int:
     """Use every core for the PyTorch reference (as jaxdyn's XLA CPU backend does)."""
     import torch

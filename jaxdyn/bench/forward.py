@@ -114,8 +114,5 @@ def run_decode(preset_name: str, ctx: dict) -> list[dict]:
                    prefill_ms=1e3 * pre, peak_mem_bytes=common.rss_peak_bytes(),
                    notes="transformers generate greedy (prefill time subtracted)")
         rows.append(ref)
-        common.ratio_row(jx, ref, "torch")
-        jx["target"] = f">= {DECODE_TARGET}x torch (CPU)"
-        if jax.default_backend() == "cpu" and jx["ratio"] is not None:
-            jx["meets_target"] = jx["ratio"] >= DECODE_TARGET
+        common.torch_ratio_target(jx, ref, DECODE_TARGET)
     return rows

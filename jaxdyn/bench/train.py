@@ -98,9 +98,6 @@ def run(preset_name: str, ctx: dict) -> list[dict]:
                "peak_mem_bytes": common.rss_peak_bytes(),
                "notes": "transformers + torch.optim.AdamW, clip 1.0; mem: rss"}
         rows.append(ref)
-        common.ratio_row(jx, ref, "torch")
-        jx["target"] = f">= {TRAIN_TARGET}x torch (CPU)"
-        if jax.default_backend() == "cpu" and jx["ratio"] is not None:
-            jx["meets_target"] = jx["ratio"] >= TRAIN_TARGET
+        common.torch_ratio_target(jx, ref, TRAIN_TARGET)
     del j
     return rows
