@@ -25,7 +25,7 @@ from flax import traverse_util
 from conversion import hf_config, mapping
 from conversion.errors import ConversionError
 from jaxdyn.model import ModelConfig
-from jaxdyn.model.transfer import SLOTS
+from jaxdyn.model.routing_options import unit_slots
 
 _LAYER = re.compile(r"layers_\d+/")
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
@@ -66,15 +66,16 @@ class _Source:
     def __init__(self, cfg: ModelConfig, params: dict[str, Any]):
         self.flat = traverse_util.flatten_dict(params, sep="/")
         self.cfg, self.used = cfg, set()
-        self.slots = {off: name for name, off in SLOTS.get(cfg.arch, {}).items()}
+        self.slots = {off: name for name, off in unit_slots(cfg).items()}
 
     def path(self, jx: str, layer: int | None) -> tuple[str, int | None]:
         """Flat path holding the parameter, and the index on its leading axis (scanned)."""
         if layer is None:
             path, idx = jx, None
         else:
-            unit, slot = (layer, "") if not self.slots else (layer // 2,
-                                                             self.slots[layer % 2] + "/")
+            n = max(1, len(self.slots))
+            unit, slot = (layer, "") if not self.slots else (layer // n,
+                                                             self.slots[layer % n] + "/")
             if self.cfg.scan_layers:
                 path, idx = f"layers/{slot}{jx}", unit
             else:
@@ -145,7 +146,7 @@ def write_hf(cfg: ModelConfig, params: dict[str, Any], folder: str, *, dtype: st
     dense_cfg = cfg
     if cfg.arch != "dense":
         dense_cfg = cfg.replace(arch="dense", routing=())
-        notes.append(f"{cfg.arch} model exported as its dense part: each unit's two layers are "
+        notes.append(f"{cfg.arch} model exported as its dense part: each unit's layers are "
                      "dense layers, every token passes every layer (routing is not kept)")
     src = _Source(cfg, params)
     plan = _plan(dense_cfg, src, dtype)

@@ -22,9 +22,10 @@ import numpy as np
 from matplotlib.figure import Figure  # pyplot-free: no GUI backend, nothing to close
 
 from jaxdyn.model import ModelConfig, build, routing_opts, unstack_layers
-from jaxdyn.model.routing_options import capacity_k
+from jaxdyn.model.routing_options import capacity_k, unit_slots
 
 GATE_NAME = {"mod": "gate (MoD router)", "dtf": "G = S_CE ∨ S_CU"}
+ROUTED_SLOT = {"mod": "routed", "dtf": "dyn"}  # the unit's routed sub-layer
 MODES = ("topk", "causal")
 
 
@@ -58,7 +59,8 @@ def routing_decisions(cfg: ModelConfig, params: Any, tokens: Sequence[int],
     out, state = _sown_forward(cfg.replace(scan_layers=False, remat_policy="none"), mode)(
         unstack_layers(params), tokens_1T)
     inter = state["intermediates"]
-    n_units = cfg.num_layers // 2
+    slots = unit_slots(cfg)
+    n_units = cfg.num_layers // len(slots)
     gate, selected = [], []
     for j in range(n_units):
         unit = inter[f"layers_{j}"]
@@ -67,7 +69,7 @@ def routing_decisions(cfg: ModelConfig, params: Any, tokens: Sequence[int],
         chosen = unit["decision"][0] if mode == "causal" else routing["topk"]
         selected.append(np.asarray(chosen, bool)[0])
     return {"gate": np.stack(gate), "selected": np.stack(selected),
-            "layers": [2 * j + 1 for j in range(n_units)],
+            "layers": [len(slots) * j + slots[ROUTED_SLOT[cfg.arch]] for j in range(n_units)],
             "metrics": jax.tree.map(np.asarray, out.aux["metrics"])}
 
 

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdyn.model import build, init_cache, init_params, tiny
+from jaxdyn.model import ConfigError, build, init_cache, init_params, tiny
+from jaxdyn.model.routing_flops import routed_flops_per_token
+from jaxdyn.model.routing_options import unit_slots
 from jaxdyn.model.transfer import unstack_layers
 
 SMALL = dict(hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
@@ -18,9 +20,12 @@ def mod_cfg(**routing):
     return tiny("qwen2", arch="mod", routing=routing, **SMALL)
 
 
+LAYOUT = ("route_every", "route_offset")
+
+
 def params_for(cfg):
-    """Parameters depend on the layout, not on these routing options: share one init."""
-    return _params(cfg.replace(routing={}))
+    """Parameters depend on the layout, not on the other routing options: share one init."""
+    return _params(cfg.replace(routing={k: v for k, v in cfg.routing if k in LAYOUT}))
 
 
 @functools.cache
@@ -38,16 +43,20 @@ def tokens(B=2, T=16, seed=1):
     return jax.random.randint(jax.random.key(seed), (B, T), 0, SMALL["vocab_size"])
 
 
-@pytest.mark.parametrize("scan", [True, False])
-def test_full_capacity_unit_gate_equals_dense_exactly(scan):
-    cfg = mod_cfg(capacity=1.0, gate="ones").replace(scan_layers=scan)
+@pytest.mark.parametrize("scan,every,offset", [(True, 2, 1), (False, 2, 1), (False, 1, 0),
+                                               (False, 4, 2)])
+def test_full_capacity_unit_gate_equals_dense_exactly(scan, every, offset):
+    cfg = mod_cfg(capacity=1.0, gate="ones", route_every=every,
+                  route_offset=offset).replace(scan_layers=scan)
     p = params_for(cfg)
     dense_cfg = tiny("qwen2", **SMALL).replace(scan_layers=False)
     u = unstack_layers(p)
     dense_p = {k: v for k, v in u.items() if not k.startswith("layers_")}
-    for j in range(2):
-        dense_p[f"layers_{2 * j}"] = u[f"layers_{j}"]["dense"]
-        dense_p[f"layers_{2 * j + 1}"] = u[f"layers_{j}"]["routed"]
+    slots = unit_slots(cfg)
+    assert len(slots) == every and slots["routed"] == offset
+    for j in range(4 // every):
+        for name, pos in slots.items():
+            dense_p[f"layers_{every * j + pos}"] = u[f"layers_{j}"][name]
     t = tokens()
     a = fwd(cfg)(p, t).logits
     b = fwd(dense_cfg)(dense_p, t).logits
@@ -150,6 +159,29 @@ def test_kv_cached_generation_equals_causal_forward(scan, B):
         np.testing.assert_array_equal(written[j, :, :12], d)
         assert not written[j, :, 12:].any()
         assert 0 < d.sum() < d.size  # both decisions occur, so the check has teeth
+
+
+def test_routed_layer_placement_is_configurable():
+    """route_every n / route_offset o: one routed layer per n layers; FLOPs and caches follow."""
+    cfg = mod_cfg(route_every=4, route_offset=2, capacity=0.25)
+    assert set(unit_slots(cfg)) == {"dense", "dense_1", "dense_2", "routed"}
+    p = params_for(cfg)
+    assert jax.tree.leaves(p["layers"])[0].shape[0] == 1  # one unit of four layers
+    out = fwd(cfg)(p, tokens())
+    np.testing.assert_array_equal(out.aux["metrics"]["selected_frac"], [0.25])
+    every2 = routed_flops_per_token(mod_cfg(capacity=0.25), 16)["model"]
+    every4 = routed_flops_per_token(cfg, 16)["model"]
+    assert every2 < every4 < routed_flops_per_token(mod_cfg(capacity=1.0), 16)["model"]
+    t = tokens(T=10, seed=4)
+    cache = _generate_vs_full(cfg, p, t, prefill=4)
+    assert np.asarray(cache["layers"]["dense_2"]["written"])[:, :, :10].all()
+    for bad, match in (({"route_every": 3}, "divisible by 3"),
+                       ({"route_offset": 2}, "0 <= route_offset < route_every"),
+                       ({"route_every": 0}, "route_every >= 1")):
+        with pytest.raises(ConfigError, match=match):
+            mod_cfg(**bad)
+    with pytest.raises(ConfigError, match="a DTF unit is a"):
+        tiny("qwen2", arch="dtf", routing={"route_every": 4}, **SMALL)
 
 
 def test_raw_gate_and_onehot_dispatch_run():

@@ -200,7 +200,7 @@ def test_routing_options_are_validated():
         tiny(arch="mod", routing={"gate": "or"})
     with pytest.raises(ConfigError, match="capacity"):
         tiny(arch="dtf", routing={"capacity": 1.5})
-    with pytest.raises(ConfigError, match="even num_layers"):
+    with pytest.raises(ConfigError, match="divisible by 2"):
         tiny(arch="dtf", num_layers=3)
     cfg = tiny(arch="dtf", routing={"capacity": 0.125, "gate": "ce"})
     assert cfg.routing_options == {"capacity": 0.125, "gate": "ce"}

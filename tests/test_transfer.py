@@ -73,6 +73,25 @@ def test_mod_transfer_at_full_capacity_reproduces_dense(src_scan, dst_scan):
         np.testing.assert_array_equal(got, _unrolled_dense_logits())
 
 
+@pytest.mark.parametrize("every,offset", [(1, 0), (4, 0), (4, 2)])
+def test_mod_transfer_follows_the_routed_layer_layout(every, offset):
+    """route_every/route_offset move the routed layer; dense layer n·j + p feeds position p."""
+    cfg = DENSE.replace(arch="mod", routing={"capacity": 1.0, "gate": "ones",
+                                             "route_every": every, "route_offset": offset},
+                        scan_layers=False)
+    p, report = dense_to_routed(DENSE, params_for(DENSE), cfg, jax.random.key(5))
+    assert len(report.loaded) == len(jax.tree.leaves(unstack_layers(params_for(DENSE))))
+    routed_layers = sorted({int(src.split("/")[0].removeprefix("layers_"))
+                            for dst, src in report.sources.items() if "/routed/" in dst})
+    assert routed_layers == list(range(offset, 4, every))
+    if every == 4:  # the three dense positions are named dense, dense_1, dense_2 in order
+        dense_pos = [q for q in range(4) if q != offset]
+        for i, q in enumerate(dense_pos):
+            name = "dense" if i == 0 else f"dense_{i}"
+            assert report.sources[f"layers_0/{name}/mlp/up/kernel"] == f"layers_{q}/mlp/up/kernel"
+    np.testing.assert_array_equal(logits(cfg, p, TOKENS), _unrolled_dense_logits())
+
+
 def test_dtf_transfer_with_saturated_gate_reproduces_dense():
     """With γ = 1 and G ≡ 1 (gate='ce', huge o_ce and β_ce), a DTF pair is exactly
     Block_dyn(Block_dec(H)): the transferred model equals the dense one."""

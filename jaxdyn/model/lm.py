@@ -30,13 +30,13 @@ class UnitSpec:
 
     make: Callable[..., nn.Module]  # (cls, cfg, routing_mode, name) -> unit instance
     module: type[nn.Module]
-    layers_per_unit: int
+    layers_per_unit: Callable[[ModelConfig], int]  # decoder layers in one unit
     init_cache: Callable[[ModelConfig, int, int, Any], Any]  # one unit's cache
 
 
 UNITS: dict[str, UnitSpec] = {
     "dense": UnitSpec(make=lambda cls, cfg, mode, name: cls(cfg, name=name), module=DecoderLayer,
-                      layers_per_unit=1, init_cache=init_layer_cache),
+                      layers_per_unit=lambda cfg: 1, init_cache=init_layer_cache),
 }
 
 
@@ -46,10 +46,16 @@ def register_unit(arch: str, spec: UnitSpec) -> None:
 
 def unit_spec(cfg: ModelConfig) -> UnitSpec:
     spec = UNITS[cfg.arch]
-    if cfg.num_layers % spec.layers_per_unit:
-        raise ConfigError(f"arch={cfg.arch!r} needs num_layers divisible by "
-                          f"{spec.layers_per_unit}, got {cfg.num_layers}")
+    n = spec.layers_per_unit(cfg)
+    if cfg.num_layers % n:
+        raise ConfigError(f"arch={cfg.arch!r} needs num_layers divisible by {n}, "
+                          f"got {cfg.num_layers}")
     return spec
+
+
+def num_units(cfg: ModelConfig) -> int:
+    """U: how many scan units the decoder stacks (L / layers per unit)."""
+    return cfg.num_layers // unit_spec(cfg).layers_per_unit(cfg)
 
 
 def remat_policy(name: str):
@@ -105,7 +111,7 @@ class CausalLM(nn.Module):
         if cfg.remat_policy != "none":
             unit_cls = nn.remat(unit_cls, policy=remat_policy(cfg.remat_policy),
                                 prevent_cse=not cfg.scan_layers)
-        n_units = cfg.num_layers // spec.layers_per_unit
+        n_units = num_units(cfg)
         layer_cache = None if cache is None else cache["layers"]
         if cfg.scan_layers:
             stack = nn.scan(unit_cls, variable_axes={"params": 0},
@@ -178,7 +184,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     """
     spec = unit_spec(cfg)
     dtype = dtype or dtype_of(cfg.dtype)
-    n_units = cfg.num_layers // spec.layers_per_unit
+    n_units = num_units(cfg)
     one = spec.init_cache(cfg, batch, max_len, dtype)
     layers = jax.tree.map(lambda a: jnp.broadcast_to(a, (n_units, *a.shape)).copy(), one)
     return {"index": jnp.zeros((), jnp.int32), "layers": layers}

@@ -2,13 +2,16 @@
 
 Dimension legend: B batch, T length, D width, k capacity, S cache slots, K kv heads, Hd head dim.
 
-Scan unit j = (dense layer 2j, routed layer 2j+1). The routed layer's input h (the raw residual
+Scan unit j holds n = `route_every` layers, nj … nj+n−1; the one at `route_offset` is routed,
+the others are dense (default n = 2, offset 1: (dense 2j, routed 2j+1), the paper's
+every-other-layer MoD; n = 1 routes every layer). The routed layer's input h (the raw residual
 stream) is scored by a linear router r = h·w (no bias, no norm, w ~ N(0, 0.02²)); each row sends
 its top-k tokens through the layer and scales their update by the gate σ(r) ("sigmoid",
 default), r ("raw", the paper) or 1 ("ones"). A causal predictor P(sg(h)) learns the top-k mask
 for generation (`routing_mode="causal"`).
 
-Parameters: `dense/…`, `routed/…` (DecoderLayer trees), `router/w` [D], `predictor/fc1|fc2`.
+Parameters: `dense/…` (`dense_1/…`, … for n > 2), `routed/…` (DecoderLayer trees), `router/w`
+[D], `predictor/fc1|fc2`; `routing_options.unit_slots` names each layer's position.
 Aux losses (already weighted): `router_bce` (0.01), `router_z` (1e-4), `causal_router` (0.01).
 """
 
@@ -35,7 +38,7 @@ from jaxdyn.model.routing import (
     token_validity,
     topk_mask,
 )
-from jaxdyn.model.routing_options import capacity_k, routing_opts
+from jaxdyn.model.routing_options import capacity_k, layers_per_unit, routing_opts, unit_slots
 from jaxdyn.model.transformer import DecoderLayer, init_layer_cache
 
 f32 = jnp.float32
@@ -54,7 +57,7 @@ class Router(nn.Module):
 
 
 class MoDUnit(nn.Module):
-    """(dense, routed) superblock; surface `(x, cache, ctx) -> (x, (cache, aux))`."""
+    """n-layer superblock with one routed layer; surface `(x, cache, ctx) -> (x, (cache, aux))`."""
 
     cfg: ModelConfig
     routing_mode: str = "topk"  # "topk" (training, teacher forcing) | "causal" (generation)
@@ -67,8 +70,20 @@ class MoDUnit(nn.Module):
         k = capacity_k(opt["capacity"], T)
         valid_BT, w_BT = token_validity(ctx, B, T)
 
-        h_BTD, (c_dense, _) = DecoderLayer(cfg, name="dense")(
-            x_BTD, None if cache is None else cache["dense"], ctx)
+        slots = unit_slots(cfg)
+        o = slots["routed"]
+        by_pos = {p: name for name, p in slots.items()}
+        new_cache = {}
+
+        def dense(h_BTD, p):
+            name = by_pos[p]
+            h_BTD, (new_cache[name], _) = DecoderLayer(cfg, name=name)(
+                h_BTD, None if cache is None else cache[name], ctx)
+            return h_BTD
+
+        h_BTD = x_BTD
+        for p in range(o):
+            h_BTD = dense(h_BTD, p)
         routed = DecoderLayer(cfg, name="routed")
         r_BT = Router(cfg, name="router")(h_BTD)
         gate_BT = {"sigmoid": jax.nn.sigmoid, "raw": lambda r: r,
@@ -104,16 +119,17 @@ class MoDUnit(nn.Module):
         losses = {"router_bce": opt["router_bce_weight"] * aux_bce,
                   "router_z": opt["z_loss_weight"] * z_loss,
                   "causal_router": opt["causal_loss_weight"] * causal_loss}
-        new_cache = None if cache is None else {"dense": c_dense, "routed": c_routed}
+        for p in range(o + 1, len(slots)):
+            y_BTD = dense(y_BTD, p)
+        new_cache = None if cache is None else {**new_cache, "routed": c_routed}
         return y_BTD, (new_cache, {"losses": losses, "metrics": metrics})
 
 
 def init_mod_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
-    """One superblock's cache: an ordinary dense cache and a routed one (fewer written slots)."""
-    return {"dense": init_layer_cache(cfg, batch, max_len, dtype),
-            "routed": init_layer_cache(cfg, batch, max_len, dtype)}
+    """One superblock's cache: ordinary dense caches and a routed one (fewer written slots)."""
+    return {name: init_layer_cache(cfg, batch, max_len, dtype) for name in unit_slots(cfg)}
 
 
 register_unit("mod", UnitSpec(
     make=lambda cls, cfg, mode, name: cls(cfg, routing_mode=mode, name=name),
-    module=MoDUnit, layers_per_unit=2, init_cache=init_mod_cache))
+    module=MoDUnit, layers_per_unit=layers_per_unit, init_cache=init_mod_cache))

@@ -10,7 +10,7 @@ that factor and the MFU formula.
 from __future__ import annotations
 
 from jaxdyn.model.config import ModelConfig
-from jaxdyn.model.routing_options import capacity_k, prior_width, routing_opts
+from jaxdyn.model.routing_options import capacity_k, layers_per_unit, prior_width, routing_opts
 
 
 def layer_matmul_params(cfg: ModelConfig) -> int:
@@ -43,9 +43,10 @@ def routed_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     opt = routing_opts(cfg)
     k = capacity_k(opt["capacity"], T)
     predictor = float(D * D + D)  # Linear(D→D/2) + Linear(D/2→1)
-    unit = dense_layer_flops(cfg, T) + routed_layer_flops(cfg, T, k) + predictor
+    n = layers_per_unit(cfg)  # one routed layer per unit, n - 1 dense ones
+    unit = (n - 1) * dense_layer_flops(cfg, T) + routed_layer_flops(cfg, T, k) + predictor
     if cfg.arch == "mod":
         unit += 2.0 * D  # router r = x·w
     else:  # dtf: PriorFFN (3 matmuls of D×d_i)
         unit += 6.0 * D * prior_width(D, opt["prior_width_factor"])
-    return {"model": (cfg.num_layers // 2) * unit + head, "dense_equivalent": dense_eq}
+    return {"model": (cfg.num_layers // n) * unit + head, "dense_equivalent": dense_eq}

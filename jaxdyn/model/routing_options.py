@@ -17,8 +17,8 @@ COMMON: dict[str, Any] = {
     "dispatch": "gather",  # "gather" (take_along_axis + scatter) | "onehot" ([B,k,T] einsums)
     "causal_loss_weight": 0.01,  # BCE of the causal router against the top-k mask
     "decision": "causal_router",  # causal-mode decision d_t = σ(c_t) >= 0.5
-    "route_every": 2,  # routed-layer pattern: one routed layer per unit of 2 ...
-    "route_offset": 1,  # ... at position 1 (MoD: layer 0 always dense)
+    "route_every": 2,  # one routed layer per scan unit of this many layers (MoD: any n >= 1) ...
+    "route_offset": 1,  # ... at this position in the unit (0 <= offset < n; 1: layer 0 dense)
     "unpaired_last_layer": "error",  # odd num_layers is an error
     "attend_to": "selected",  # selected tokens attend to selected tokens only (MoD semantics)
 }
@@ -46,8 +46,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {"mod": MOD, "dtf": DTF}
 CHOICES: dict[str, tuple] = {
     "dispatch": ("gather", "onehot"),
     "decision": ("causal_router",),
-    "route_every": (2,),
-    "route_offset": (1,),
     "unpaired_last_layer": ("error",),
     "attend_to": ("selected",),
     "beta_mode": ("softplus",),
@@ -61,8 +59,6 @@ GATES = {"mod": ("sigmoid", "raw", "ones"), "dtf": ("or", "ce")}
 NONNEG = ("causal_loss_weight", "router_bce_weight", "z_loss_weight", "prior_loss_weight")
 WHY_NOT = {  # values the spec names that this release does not implement yet
     "decision": "'gate_threshold' (EMA quantile of G) is not implemented",
-    "route_every": "units are fixed (dense, routed) superblocks / (decision, dynamic) pairs",
-    "route_offset": "units are fixed (dense, routed) superblocks / (decision, dynamic) pairs",
     "unpaired_last_layer": "'dense' needs a trailing dense layer in CausalLM (lm.py)",
     "attend_to": "'all' (reference fused-kernel comparison) is not implemented",
     "beta_mode": "'scheduled' (later reference, β as model state) is not implemented",
@@ -104,10 +100,42 @@ def validate_routing(arch: str, routing: dict[str, Any], num_layers: int | None 
             raise _error(f"routing ma_window={opts['ma_window']!r} must be an int >= 1")
         if not opts["prior_width_factor"] > 0:
             raise _error(f"routing prior_width_factor={opts['prior_width_factor']!r} must be > 0")
-    if num_layers is not None and num_layers % 2:
-        raise _error(f"arch={arch!r} pairs layers (routing spec §1) and needs an even "
-                     f"num_layers, got {num_layers}; unpaired_last_layer='dense' "
-                     f"is not supported yet")
+    every, offset = opts["route_every"], opts["route_offset"]
+    if arch == "dtf" and (every, offset) != (2, 1):
+        raise _error(f"routing route_every={every!r}, route_offset={offset!r} for arch='dtf'; "
+                     "a DTF unit is a (decision, dynamic) pair: only route_every=2, "
+                     "route_offset=1 (routing spec §4)")
+    if not (isinstance(every, int) and every >= 1 and isinstance(offset, int)
+            and 0 <= offset < every):
+        raise _error(f"routing route_every={every!r}, route_offset={offset!r}: need an int "
+                     "route_every >= 1 and 0 <= route_offset < route_every")
+    if num_layers is not None and num_layers % every:
+        raise _error(f"arch={arch!r} with route_every={every} needs num_layers divisible by "
+                     f"{every}, got {num_layers}; unpaired_last_layer='dense' is not supported "
+                     "yet")
+
+
+def unit_slots(cfg) -> dict[str, int]:
+    """Sub-layer name -> position inside one scan unit ({} for dense: the unit is the layer).
+
+    MoD: `routed` at `route_offset`, the other positions `dense`, `dense_1`, `dense_2`, … in
+    order (the default every-other-layer unit is `dense`, `routed`). DTF: `dec`, `dyn`. Dense
+    layer l of a transfer/export is position l % n of unit l // n.
+    """
+    if cfg.arch == "dtf":
+        return {"dec": 0, "dyn": 1}
+    if cfg.arch != "mod":
+        return {}
+    opt = routing_opts(cfg)
+    n, o = opt["route_every"], opt["route_offset"]
+    dense = [p for p in range(n) if p != o]
+    slots = {("dense" if i == 0 else f"dense_{i}"): p for i, p in enumerate(dense)}
+    return {**slots, "routed": o}
+
+
+def layers_per_unit(cfg) -> int:
+    """Decoder layers in one scan unit: 1 (dense), route_every (MoD), 2 (DTF)."""
+    return max(1, len(unit_slots(cfg)))
 
 
 def routing_opts(cfg) -> dict[str, Any]:

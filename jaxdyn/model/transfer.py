@@ -1,13 +1,15 @@
 """Build MoD / DTF parameters from a pretrained dense jaxdyn model (routing spec §5).
 
-Dimension legend: L dense layers, U = L/2 routed units, D width.
+Dimension legend: L dense layers, n layers per unit, U = L/n routed units, D width.
 
 | target (unit j)                              | source            |
 |----------------------------------------------|-------------------|
 | `embed`, `final_norm`, `unembed`             | the same tensors  |
-| MoD `dense/…` / `routed/…`                   | layer 2j / 2j+1   |
+| MoD sub-layer at position p (`dense…`, `routed`) | layer n·j + p (default n = 2: 2j / 2j+1) |
 | DTF `dec/…` (Block_dec) / `dyn/…` (Block_dyn) | layer 2j / 2j+1   |
 | router, predictor, prior(+norm), β, o_ce, m_cu | fresh init       |
+
+`routing_options.unit_slots` is the one table of sub-layer positions (shared with the export).
 
 Every pretrained tensor is consumed exactly once and every non-new target parameter assigned,
 else `TransferError` lists the offenders. Either layout (scanned `layers/…` [L, …] or unrolled
@@ -29,9 +31,9 @@ from flax import traverse_util
 
 from jaxdyn.model.config import ModelConfig
 from jaxdyn.model.lm import init_params
+from jaxdyn.model.routing_options import unit_slots
 
-# Per routed arch: sub-tree of a unit -> offset of the dense layer it is loaded from.
-SLOTS = {"mod": {"dense": 0, "routed": 1}, "dtf": {"dec": 0, "dyn": 1}}
+ROUTED_ARCHS = ("mod", "dtf")
 # Per routed arch: sub-trees of a unit that are new (fresh init).
 NEW = {"mod": ("router", "predictor"),
        "dtf": ("prior_norm", "prior", "beta_ce", "beta_cu", "o_ce", "m_cu", "predictor")}
@@ -84,8 +86,8 @@ def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
 def _check_configs(dense_cfg: ModelConfig, routed_cfg: ModelConfig) -> None:
     if dense_cfg.arch != "dense":
         raise TransferError(f"source must be a dense model, got arch={dense_cfg.arch!r}")
-    if routed_cfg.arch not in SLOTS:
-        raise TransferError(f"target arch={routed_cfg.arch!r}; supported: {sorted(SLOTS)}")
+    if routed_cfg.arch not in ROUTED_ARCHS:
+        raise TransferError(f"target arch={routed_cfg.arch!r}; supported: {ROUTED_ARCHS}")
     a, b = dense_cfg.to_dict(), routed_cfg.to_dict()
     diff = {k: (a[k], b[k]) for k in a if k not in FREE_FIELDS and a[k] != b[k]}
     if diff:
@@ -104,6 +106,8 @@ def dense_to_routed(dense_cfg: ModelConfig, dense_params: dict[str, Any],
     """
     _check_configs(dense_cfg, routed_cfg)
     arch = routed_cfg.arch
+    slots = unit_slots(routed_cfg)
+    n = len(slots)
     src = traverse_util.flatten_dict(unstack_layers(dense_params))
     n_src_layers = sum(1 for k in {p[0] for p in src} if _LAYER.match(k))
     if n_src_layers != dense_cfg.num_layers:
@@ -120,9 +124,9 @@ def dense_to_routed(dense_cfg: ModelConfig, dense_params: dict[str, Any],
             out[path] = init_val
             new.append(_join(path))
             continue
-        if m and path[1] in SLOTS[arch]:
+        if m and path[1] in slots:
             j = int(m.group(1))
-            s_path = (f"layers_{2 * j + SLOTS[arch][path[1]]}",) + path[2:]
+            s_path = (f"layers_{n * j + slots[path[1]]}",) + path[2:]
         else:
             s_path = path
         if s_path not in src:
