@@ -129,6 +129,7 @@ def base_config(preset: str) -> mlc.ConfigDict:
     c.eval = mlc.ConfigDict(dict(
         every=_pick(preset, tiny=20, small=100),  # validate every N steps and at the end
         batches=_pick(preset, tiny=4, small=16, qwen2_5_0_5b=0),  # batches of val; 0 = all
+        causal_mode=True,  # routed models: also report val_causal/* (causal routers decide)
     ))
     c.checkpoint = mlc.ConfigDict(dict(
         every=_pick(preset, tiny=30, small=500, qwen2_5_0_5b=100),  # save every N and at end

@@ -30,7 +30,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
               "weight_decay", "b1", "b2", "eps", "clip_norm", "grad_accum", "loss_chunk",
               "z_loss", "seed", "lr_groups", "trainable", "no_decay", "lora", "stop_at_step"),
     "train.lora": ("enabled", "rank", "alpha", "targets"),
-    "eval": ("every", "batches"),
+    "eval": ("every", "batches", "causal_mode"),
     "checkpoint": ("every", "keep", "async_save"),
     "log": ("every", "tensorboard", "wandb", "wandb_project"),
     "init": ("checkpoint",),

@@ -88,14 +88,15 @@ class MTPTrainModel:
                            cache=out.cache, aux=aux)
 
 
-def train_model(cfg):
-    """The model object the trainer applies: MTPTrainModel for MTP configs, else CausalLM."""
+def train_model(cfg, routing_mode: str = "topk"):
+    """The model object the trainer applies: MTPTrainModel for MTP configs, else CausalLM
+    (`routing_mode` "causal": a routed model decides with its causal routers)."""
     from jaxdyn import configlib
     from jaxdyn.model import build
 
     mcfg = configlib.model_config(cfg)
     if not is_mtp(cfg):
-        return build(mcfg)
+        return build(mcfg, routing_mode)
     return MTPTrainModel(mcfg, _settings(cfg), int(cfg.train.loss_chunk))
 
 

@@ -34,6 +34,7 @@ from jaxdyn.train_setup import (
     accum_sharding,
     apply_debug_switches,
     check_init_checkpoint,
+    dense_reference_nll,
     gather_data_state,
     host_params,
     make_data,
@@ -161,9 +162,12 @@ def make_train_step(cfg: mlc.ConfigDict):
     return step
 
 
-def make_eval_step(cfg: mlc.ConfigDict):
-    """`eval_step(tree, batch) -> (nll sum, target count, aux)` for one [b, T] batch."""
-    model = mtp_train.train_model(cfg)  # CausalLM, or MultiTokenLM for an `mtp` block
+def make_eval_step(cfg: mlc.ConfigDict, routing_mode: str = "topk"):
+    """`eval_step(tree, batch) -> (nll sum, target count, aux)` for one [b, T] batch.
+
+    Routed models evaluate in `routing_mode` "topk" (teacher forcing, as trained) or "causal"
+    (the causal routers decide, as in generation; routing spec §7)."""
+    model = mtp_train.train_model(cfg, routing_mode)  # CausalLM, or MultiTokenLM for `mtp`
     tc = mlc.FrozenConfigDict(cfg.train)
 
     def eval_step(tree, batch):
@@ -173,17 +177,18 @@ def make_eval_step(cfg: mlc.ConfigDict):
     return eval_step
 
 
-def evaluate(eval_fn, tree, batches: list[dict], mesh) -> dict[str, float]:
-    """Token-weighted validation loss and perplexity, aux metrics averaged over batches."""
+def evaluate(eval_fn, tree, batches: list[dict], mesh, prefix: str = "val") -> dict[str, float]:
+    """Token-weighted validation loss and perplexity, aux metrics averaged over batches, as
+    `{prefix}/loss`, `{prefix}/ppl`, `{prefix}/<aux>`."""
     total, count, auxes = 0.0, 0.0, []
     for b in batches:
         s, n, aux = jax.device_get(eval_fn(tree, sharding.shard_batch(b, mesh)))
         total, count = total + float(s), count + float(n)
         auxes.append(mtp_train.flat_metrics(aux))
     loss = total / max(count, 1.0)
-    out = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+    out = {f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(min(loss, 50.0))}
     for k in auxes[0] if auxes else ():
-        out["val/" + k] = float(np.mean([a[k] for a in auxes]))
+        out[f"{prefix}/{k}"] = float(np.mean([a[k] for a in auxes]))
     return out
 
 
@@ -241,6 +246,8 @@ def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
                           in_shardings=(state_sh, accum_sharding(mesh)),
                           out_shardings=(state_sh, None))
         eval_fn = jax.jit(make_eval_step(cfg))
+        causal_eval_fn = jax.jit(make_eval_step(cfg, "causal")) \
+            if mcfg.arch != "dense" and cfg.eval.causal_mode else None
     t = cfg.train
     tokens_per_step = t.batch_size * t.seq_len
     f_tok = flops.train_flops_per_token(mcfg, t.seq_len)["model"]
@@ -256,6 +263,8 @@ def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
         with jax.set_mesh(mesh), sharding.rules_context():
             while done < stop:
                 batch = stack_batches(it, t.grad_accum, mesh)
+                if done == 0:
+                    log_transfer(writer, cfg, eval_fn, state.params, batch, main)
                 with jax.transfer_guard("disallow" if cfg.debug.transfer_guard else "allow"):
                     state, m = step_fn(state, batch)
                 done += 1
@@ -283,6 +292,9 @@ def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
                             "train.lr or set train.clip_norm, then rerun to resume)")
                 if is_eval:
                     val = evaluate(eval_fn, state.params, eval_batches, mesh)
+                    if causal_eval_fn is not None:  # routing spec §7.5: eval reports both
+                        val.update(evaluate(causal_eval_fn, state.params, eval_batches, mesh,
+                                            "val_causal"))
                     writer.write(done, "val", val)
                     last.update(val)
                 if is_save:
@@ -306,6 +318,22 @@ def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
         print(f"checkpoints: {ckpt_dir}\nmetrics:     {workdir}/metrics.jsonl\n"
               f"plots:       python -m jaxdyn.plot --workdir {workdir}")
     return last
+
+
+def log_transfer(writer: MetricsWriter, cfg: mlc.ConfigDict, eval_fn, tree, batch: dict,
+                 main: bool) -> None:
+    """Dense → routed transfer: the dense source's and the fresh routed model's LM loss on the
+    first training micro-batch, as a `transfer` row at step 0 (nothing for other runs)."""
+    first = jax.tree.map(lambda a: a[0], batch)  # [grad_accum, b, T] -> [b, T]
+    dense = dense_reference_nll(cfg, first)
+    if dense is None:
+        return
+    s, n, _ = jax.device_get(eval_fn(tree, first))
+    row = {"transfer/dense_nll": dense, "transfer/routed_nll": float(s) / max(float(n), 1.0)}
+    writer.write(0, "transfer", row)
+    if main:
+        print(f"transfer: first-batch loss dense {row['transfer/dense_nll']:.4f}, routed at "
+              f"step 0 {row['transfer/routed_nll']:.4f}")
 
 
 def log_train(writer: MetricsWriter, step: int, m: dict, tokens_per_step: int, dt: float,

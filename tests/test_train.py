@@ -147,3 +147,29 @@ def test_routed_models_train_and_log_router_metrics(tmp_path, spec):
     key = "train/router/G_mean" if "dtf" in spec else "train/router/gate_mean"
     assert key in row, sorted(row)
     json.dumps(row)
+    val = [r for r in read_metrics(str(tmp_path)) if r["split"] == "val"][-1]
+    assert {"val/loss", "val_causal/loss", "val_causal/router/selected_frac",
+            "val_causal/router/causal_acc"} <= set(val), sorted(val)
+    assert np.isfinite(val["val_causal/loss"])
+
+
+def test_transfer_run_logs_the_dense_first_batch_loss(tmp_path, capsys):
+    """Dense import -> MoD at capacity 1 with unit gates: the routed model at step 0 *is* the
+    dense model, so the logged first-batch losses must agree."""
+    mod_cfg = configlib.model_config(cfg_for("--config.tokenizer.kind=byte",
+                                             spec="configs/mod.py:tiny"))
+    dense_cfg = mod_cfg.replace(arch="dense", routing={})
+    d = tmp_path / "import"
+    d.mkdir()
+    dense_cfg.save(str(d / "model_config.json"))
+    save_params(str(d / "params"), init_params(dense_cfg, jax.random.key(0)))
+    train_and_evaluate(cfg_for(f"--config.init.checkpoint={d}", "--config.tokenizer.kind=byte",
+                               "--config.train.steps=1", "--config.eval.causal_mode=false",
+                               "--config.model.routing.capacity=1.0",
+                               "--config.model.routing.gate=ones", spec="configs/mod.py:tiny"),
+                       str(tmp_path / "w"))
+    row = [r for r in read_metrics(str(tmp_path / "w")) if r["split"] == "transfer"]
+    assert len(row) == 1 and row[0]["step"] == 0
+    assert row[0]["transfer/routed_nll"] == pytest.approx(row[0]["transfer/dense_nll"],
+                                                          abs=1e-5)
+    assert "transfer: first-batch loss dense" in capsys.readouterr().out
