@@ -149,9 +149,9 @@ def make_train_step(cfg: mlc.ConfigDict):
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep = jax.tree.leaves(trainable_mask(state.params, tc))
-        m["grad_norm"] = optax.global_norm(
+        m["grad_norm"] = optax.tree.norm(
             [g for g, k in zip(jax.tree.leaves(grads), keep, strict=True) if k])
-        m["param_norm"] = optax.global_norm(params)
+        m["param_norm"] = optax.tree.norm(params)
         m["lr"] = schedule(state.step)
         bad = (state.nonfinite_step < 0) & ~jnp.isfinite(m["loss"])
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
