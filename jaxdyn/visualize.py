@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure  # pyplot-free: no GUI backend, nothing to close
 
 from jaxdyn.model import ModelConfig, build, routing_opts, unstack_layers
-from jaxdyn.model.routing_options import capacity_k, unit_slots
+from jaxdyn.model.routing_options import routed_k, unit_slots
 
 GATE_NAME = {"mod": "gate (MoD router)", "dtf": "G = S_CE ∨ S_CU"}
 ROUTED_SLOT = {"mod": "routed", "dtf": "dyn"}  # the unit's routed sub-layer
@@ -98,7 +98,7 @@ def routing_figure(cfg: ModelConfig, params: Any, tokens: Sequence[int], tok,
     ax.set_yticks(range(U), [f"layer {layer} ({sel_UT[u].mean():.0%})"
                              for u, layer in enumerate(r["layers"])])
     ax.set_xticks(range(T), token_labels(tok, tokens), rotation=90, fontsize=7)
-    how = (f"top-k, k={capacity_k(routing_opts(cfg)['capacity'], T)} of {T}"
+    how = (f"top-k, k={routed_k(routing_opts(cfg), T)} of {T}"
            if mode == "topk" else "causal router decisions")
     ax.set_title(f"{cfg.arch.upper()} routing ({how}); red = processed", fontsize=9)
     fig.colorbar(im, ax=ax, label=GATE_NAME[cfg.arch], fraction=0.03, pad=0.01)

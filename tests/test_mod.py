@@ -78,6 +78,12 @@ def test_rows_are_independent_and_capacity_is_exact():
     assert set(o1.aux["losses"]) == {"router_bce", "router_z", "causal_router"}
 
 
+def test_capacity_multiple_rounds_k_up():
+    cfg = mod_cfg(capacity=0.25, capacity_multiple=8)  # k = int(0.25·16) = 4 -> 8 of 16
+    out = fwd(cfg)(params_for(cfg), tokens())
+    np.testing.assert_array_equal(out.aux["metrics"]["selected_frac"], [0.5, 0.5])
+
+
 def test_padding_excluded_from_capacity_and_metrics():
     cfg = mod_cfg(capacity=0.5)
     p = params_for(cfg)

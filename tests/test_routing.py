@@ -209,6 +209,10 @@ def test_routing_options_are_validated():
 
 def test_capacity_and_prior_width():
     assert capacity_k(0.125, 16) == 2 and capacity_k(0.01, 16) == 1 and capacity_k(1.0, 7) == 7
+    assert capacity_k(0.125, 100, 8) == 16 and capacity_k(0.5, 20, 8) == 16  # int(12.5)=12 -> 16
+    assert capacity_k(0.9, 20, 8) == 20 and capacity_k(0.5, 128, 128) == 128  # capped at T
+    with pytest.raises(ConfigError, match="capacity_multiple"):
+        tiny(arch="mod", routing={"capacity_multiple": 0})
     table = {(896, 0.0625): 56, (1536, 0.0625): 96, (2048, 0.125): 256, (896, 0.5): 448,
              (32, 0.0625): 2, (40, 0.0625): 4}
     assert {key: prior_width(*key) for key in table} == table

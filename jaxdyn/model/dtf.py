@@ -39,7 +39,7 @@ from jaxdyn.model.routing import (
     token_validity,
     topk_mask,
 )
-from jaxdyn.model.routing_options import capacity_k, prior_width, routing_opts
+from jaxdyn.model.routing_options import prior_width, routed_k, routing_opts
 from jaxdyn.model.transformer import DecoderLayer, init_layer_cache
 
 f32 = jnp.float32
@@ -97,7 +97,7 @@ class DTFUnit(nn.Module):
         cfg, opt = self.cfg, routing_opts(self.cfg)
         check_mode(self.routing_mode, cache)
         B, T, D = x_BTD.shape
-        k = capacity_k(opt["capacity"], T)
+        k = routed_k(opt, T)
         valid_BT, w_BT = token_validity(ctx, B, T)
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
 

@@ -38,7 +38,7 @@ from jaxdyn.model.routing import (
     token_validity,
     topk_mask,
 )
-from jaxdyn.model.routing_options import capacity_k, layers_per_unit, routing_opts, unit_slots
+from jaxdyn.model.routing_options import layers_per_unit, routed_k, routing_opts, unit_slots
 from jaxdyn.model.transformer import DecoderLayer, init_layer_cache
 
 f32 = jnp.float32
@@ -67,7 +67,7 @@ class MoDUnit(nn.Module):
         cfg, opt = self.cfg, routing_opts(self.cfg)
         check_mode(self.routing_mode, cache)
         B, T, _ = x_BTD.shape
-        k = capacity_k(opt["capacity"], T)
+        k = routed_k(opt, T)
         valid_BT, w_BT = token_validity(ctx, B, T)
 
         slots = unit_slots(cfg)

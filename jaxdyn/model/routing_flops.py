@@ -10,7 +10,7 @@ that factor and the MFU formula.
 from __future__ import annotations
 
 from jaxdyn.model.config import ModelConfig
-from jaxdyn.model.routing_options import capacity_k, layers_per_unit, prior_width, routing_opts
+from jaxdyn.model.routing_options import layers_per_unit, prior_width, routed_k, routing_opts
 
 
 def layer_matmul_params(cfg: ModelConfig) -> int:
@@ -41,7 +41,7 @@ def routed_flops_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     if cfg.arch == "dense":
         return {"model": dense_eq, "dense_equivalent": dense_eq}
     opt = routing_opts(cfg)
-    k = capacity_k(opt["capacity"], T)
+    k = routed_k(opt, T)
     predictor = float(D * D + D)  # Linear(D→D/2) + Linear(D/2→1)
     n = layers_per_unit(cfg)  # one routed layer per unit, n - 1 dense ones
     unit = (n - 1) * dense_layer_flops(cfg, T) + routed_layer_flops(cfg, T, k) + predictor

@@ -14,6 +14,7 @@ from typing import Any
 # Options every routed architecture understands.
 COMMON: dict[str, Any] = {
     "capacity": 0.5,  # γ: each row routes k = max(1, int(γ·T)) tokens (MoD preset 0.125)
+    "capacity_multiple": 1,  # round k up to a multiple (8/128: MXU/tensor-core tiles), <= T
     "dispatch": "gather",  # "gather" (take_along_axis + scatter) | "onehot" ([B,k,T] einsums)
     "causal_loss_weight": 0.01,  # BCE of the causal router against the top-k mask
     "decision": "causal_router",  # causal-mode decision d_t = σ(c_t) >= 0.5
@@ -89,6 +90,9 @@ def validate_routing(arch: str, routing: dict[str, Any], num_layers: int | None 
             why = f" ({WHY_NOT[key]})" if key in WHY_NOT else ""
             raise _error(f"routing {key}={opts[key]!r} for arch={arch!r}; "
                          f"supported: {allowed}{why}")
+    mult = opts["capacity_multiple"]
+    if not (isinstance(mult, int) and mult >= 1):
+        raise _error(f"routing capacity_multiple={mult!r} must be an int >= 1")
     gamma = opts["capacity"]
     if not (isinstance(gamma, (int, float)) and 0.0 < gamma <= 1.0):
         raise _error(f"routing capacity={gamma!r} must be a fraction in (0, 1]")
@@ -143,9 +147,17 @@ def routing_opts(cfg) -> dict[str, Any]:
     return {**DEFAULTS.get(cfg.arch, {}), **cfg.routing_options}
 
 
-def capacity_k(gamma: float, T: int) -> int:
-    """k = max(1, int(γ·T)): a Python int fixed at trace time, the same for every row."""
-    return max(1, int(gamma * T))
+def capacity_k(gamma: float, T: int, multiple: int = 1) -> int:
+    """k = max(1, int(γ·T)) rounded up to `multiple` and capped at T: a Python int fixed at
+    trace time, the same for every row. A multiple of 8 or 128 keeps the gathered [B, k, D]
+    blocks on whole tensor-core / MXU tiles (performance issue, item 3)."""
+    k = max(1, int(gamma * T))
+    return min(T, -(-k // multiple) * multiple)
+
+
+def routed_k(opt: dict[str, Any], T: int) -> int:
+    """The capacity k of a routed layer with merged options `opt` at sequence length T."""
+    return capacity_k(opt["capacity"], T, opt["capacity_multiple"])
 
 
 def prior_width(D: int, factor: float) -> int:
