@@ -104,7 +104,12 @@ class CausalLM(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt,
                          param_dtype=dtype_of(cfg.param_dtype),
                          embedding_init=param_init(("vocab", "embed")), name="embed")
-        x_BTD = constrain(embed(tokens_BT).astype(dt))
+        # Look up in a replicated copy of the table: a gather from the vocab/fsdp-sharded table
+        # makes the SPMD partitioner fall back to "involuntary full rematerialization" on the
+        # way to batch-sharded activations; one explicit all-gather (the backward pass
+        # reduce-scatters) is the cheap version of the same thing.
+        table_VD = nn.with_logical_constraint(embed.embedding, (None, None))
+        x_BTD = constrain(jnp.take(table_VD, tokens_BT, axis=0).astype(dt))
 
         spec = unit_spec(cfg)
         unit_cls = spec.module
