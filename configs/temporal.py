@@ -56,6 +56,10 @@ def get_config(preset: str = "tiny") -> mlc.ConfigDict:
         soft_temp=0.01,  # T_s of the soft window, τ units (0.1 year)
         readout="attn",  # "attn" segment-softmax pooling of query nodes | "mean"
         id_table=0,  # > 0: opt-in learned per-entity table with this many rows (budget!)
+        # Scale of W_t's LeCun init (1 = spec). 0 = the time pathway starts silent: at LeCun
+        # init the sin features carry ≈4× the across-example variance of W_g f_g into the
+        # adapter and drown the graph signal (measured; README "Temporal adapters").
+        time_init=_pick(preset, tiny=0.0, small=0.0, qwen2_5_0_5b=1.0),
     ))
     # ----- TCG-Synth world and splits: jaxdyn.data.temporal_synth.SynthConfig (spec §11) -----
     c.synth = mlc.ConfigDict(dict(
@@ -79,9 +83,9 @@ def get_config(preset: str = "tiny") -> mlc.ConfigDict:
     ))
     # ----- adapter training: jaxdyn.temporal.TrainConfig (spec §7–§8) -----
     c.adapter = mlc.ConfigDict(dict(
-        steps=_pick(preset, tiny=3, small=150, qwen2_5_0_5b=20_000),  # optimizer steps
+        steps=_pick(preset, tiny=3, small=300, qwen2_5_0_5b=20_000),  # optimizer steps
         batch_size=_pick(preset, tiny=8, small=16, qwen2_5_0_5b=16),  # examples per step
-        # Peak AdamW lr; the spec's 1e-4 is for long runs, CPU presets train 150 steps.
+        # Peak AdamW lr; the spec's 1e-4 is for long runs, CPU presets train 300 steps.
         lr=_pick(preset, tiny=3e-3, small=3e-3, qwen2_5_0_5b=1e-4),
         warmup_frac=0.1,  # linear warm-up share of the steps, then cosine decay
         weight_decay=0.01,  # AdamW decay on matrices (not biases, norms, Time2Vec)

@@ -1,6 +1,7 @@
 """Temporal-causal adapters (temporal spec §10): identity at init, drift bound, JS, regimes,
 padding/order invariance, gradient routing, parameter count, TCG-Synth + loader, generation."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import jraph
 import numpy as np
+import optax
 import pytest
 
 from jaxdyn.data import temporal_synth as ts
@@ -230,6 +232,40 @@ def test_gradients_reach_only_trainable_params(params):
     for k, v in upd.items():
         if k != "temporal":
             assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(v)), k
+
+
+def test_silent_time_init_starts_at_zero_and_still_learns():
+    """time_init=0: W_t starts at 0 (base model at step 0, φ silent) and trains once W_o ≠ 0."""
+    tcfg = dataclasses.replace(TCFG, time_init=0.0)
+    p = tm.init_params(CFG, tcfg, jax.random.key(0))
+    ref = tm.init_params(CFG, TCFG, jax.random.key(0))["temporal"]["adapters"]
+    ad = p["temporal"]["adapters"]
+    assert float(jnp.max(jnp.abs(ad["W_t"]))) == 0.0 and float(jnp.std(ref["W_t"])) > 0.1
+    np.testing.assert_array_equal(np.asarray(ad["W_g"]), np.asarray(ref["W_g"]))
+    arr, g = batch_of([record(), record("2012-05-05", "Mira", ("2010-01-01", "2015-06-01"))])
+    dev = {k: arr[k] for k in ("tokens", "ans_pos", "ans_tok", "ans_mask", "tau", "regime")}
+    model = tm.build(CFG, tcfg)
+    fwd = lambda q, tok, t, gr: model.apply({"params": q}, tok, time=t, graph=gr,
+                                            compute_logits=False)
+    tc = TrainConfig(steps=4, lr=1e-2)
+    opt = make_optimizer(p, tc, tm.is_trainable)
+    state = opt.init(p)
+
+    @jax.jit
+    def step(q, s, k, graph):
+        (_, aux), gr = jax.value_and_grad(
+            lambda q: loss_fn(q, dev, graph, k, fwd, tc, tm.is_trainable), has_aux=True)(q)
+        upd, s = opt.update(gr, s, q)
+        return optax.apply_updates(q, upd), s, gr
+
+    size = lambda x: float(jnp.max(jnp.abs(x["temporal"]["adapters"]["W_t"])))
+    q, grads = p, []
+    for k in range(3):  # lr is 0 at step 0 (warm-up), W_o leaves 0 at step 1
+        q, state, gr = step(q, state, jax.random.key(k), g)
+        grads.append(size(gr))
+    assert grads[0] == 0.0 and grads[2] > 0 and size(q) > 0  # W_t gets gradient via W_o ≠ 0
+    with pytest.raises(Exception, match="time_init"):
+        tm.TemporalConfig(time_init=-1.0)
 
 
 @pytest.mark.parametrize("kw", [{}, {"token_conditioned": True, "readout": "mean",

@@ -37,6 +37,22 @@ def _batches(n: int, bs: int):
         yield idx, np.concatenate([idx, np.full(bs - len(idx), idx[-1])])
 
 
+_ENCODED: dict = {}
+
+
+def encode_cached(recs: list[dict], sh: Shapes, date_in_prompt: bool = False,
+                  answers: list[str] | None = None) -> dict:
+    """`encode`, memoised per (split records, shapes, prompt form, answers): every run of an
+    experiment scores the same rows, and encoding (host-side Python) dominates evaluation."""
+    key = (len(recs), recs[0]["id"] if recs else "", recs[-1]["id"] if recs else "", sh,
+           date_in_prompt, None if answers is None else tuple(answers))
+    if key not in _ENCODED:
+        if len(_ENCODED) >= 32:
+            _ENCODED.clear()
+        _ENCODED[key] = encode(recs, sh, date_in_prompt, answers)
+    return _ENCODED[key]
+
+
 @functools.lru_cache(maxsize=32)
 def _scorer(forward, use_time: bool, use_graph: bool):
     @jax.jit
@@ -56,7 +72,7 @@ def score_records(forward, params, recs: list[dict], sh: Shapes, use_time: bool 
                   batch_size: int = 64) -> list[dict]:
     """Per record: candidate-ranking prediction, rank correctness and exact match."""
     rows = [(i, c) for i, r in enumerate(recs) for c in r["candidates"]]
-    arr = encode([recs[i] for i, _ in rows], sh, date_in_prompt, [c for _, c in rows])
+    arr = encode_cached([recs[i] for i, _ in rows], sh, date_in_prompt, [c for _, c in rows])
     score = _scorer(forward, use_time, use_graph)
     lp, hit = np.zeros(len(rows)), np.zeros(len(rows), bool)
     for idx, padded in _batches(len(rows), batch_size):
@@ -98,7 +114,7 @@ def regime_js(forward, params, recs, sh, use_time=True, use_graph=True, date_in_
     """
     if not use_time and not use_graph:
         return {"js_within": 0.0, "js_across": 0.0}
-    arr = encode(recs, sh, date_in_prompt)
+    arr = encode_cached(recs, sh, date_in_prompt)
     rng = np.random.default_rng(seed)
     a, b = arr["regime"][:, 0], arr["regime"][:, 1]
     within = a + rng.random(len(recs)) * (b - a)

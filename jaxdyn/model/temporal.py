@@ -46,7 +46,10 @@ class Adapters(nn.Module):
         La = int((c.layer_slots(self.cfg.num_layers) >= 0).sum())
         lecun = nn.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
         zeros = nn.initializers.zeros
-        shapes = {"W_t": ((La, c.d_t, c.rank), lecun, ("layers", None, None)),
+        t_init = zeros if c.time_init == 0 else nn.initializers.variance_scaling(
+            c.time_init ** 2, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+            batch_axis=(0,))
+        shapes = {"W_t": ((La, c.d_t, c.rank), t_init, ("layers", None, None)),
                   "W_g": ((La, c.d_g, c.rank), lecun, ("layers", None, None)),
                   "b": ((La, c.rank), zeros, ("layers", None)),
                   "W_o": ((La, c.rank, D), zeros, ("layers", None, "embed")),

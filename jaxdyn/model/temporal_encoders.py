@@ -50,12 +50,14 @@ class TemporalConfig:
     soft_temp: float = 0.01  # T_s in τ units (0.1 year)
     readout: str = "attn"  # "attn" (segment-softmax pooling) | "mean"
     id_table: int = 0  # >0: opt-in learned per-entity table with this many rows
+    time_init: float = 1.0  # scale of W_t's LeCun-normal init (0: time pathway starts silent)
 
     def __post_init__(self):
         for ok, msg in [(self.periodic in ("sin", "sincos"), f"periodic={self.periodic!r}"),
                         (self.edge_mode in ("hard", "soft"), f"edge_mode={self.edge_mode!r}"),
                         (self.readout in ("attn", "mean"), f"readout={self.readout!r}"),
-                        (self.d_t >= 2, f"d_t={self.d_t} must be >= 2")]:
+                        (self.d_t >= 2, f"d_t={self.d_t} must be >= 2"),
+                        (self.time_init >= 0, f"time_init={self.time_init} must be >= 0")]:
             if not ok:
                 raise ConfigError(f"TemporalConfig: unsupported {msg}")
         if self.adapter_layers is not None:
