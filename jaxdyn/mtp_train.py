@@ -113,13 +113,14 @@ def init_params(cfg, rng: jax.Array) -> dict:
     return nn.unbox(MultiTokenLM(mcfg, s["n_heads"], s["head_depth"]).init(rng, tokens)["params"])
 
 
-def initial_params(cfg, rng: jax.Array) -> tuple[Any, list[str]]:
-    """`train_setup.initial_params` (random or `init.checkpoint`) plus the heads for MTP
-    configs: the dense tensors are consumed unchanged, heads 2..n are new."""
+def initial_params(cfg, rng: jax.Array, mesh=None) -> tuple[Any, list[str]]:
+    """`train_setup.initial_params` (random or `init.checkpoint`, created in `mesh`'s
+    shardings) plus the heads for MTP configs: the dense tensors are consumed unchanged,
+    heads 2..n are new."""
     from jaxdyn.train_setup import initial_params as dense_initial
 
     k_dense, k_heads = jax.random.split(rng)
-    params, report = dense_initial(cfg, k_dense)
+    params, report = dense_initial(cfg, k_dense, mesh)
     if not is_mtp(cfg):
         return params, report
     from jaxdyn import configlib

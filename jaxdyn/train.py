@@ -81,8 +81,8 @@ def create_train_state(cfg: mlc.ConfigDict, rng: jax.Array, *, params: Any = Non
     mesh = mesh or make_mesh(cfg)
     k_init, k_lora = jax.random.split(rng)
     if params is None:
-        with jax.set_mesh(mesh):  # params are created/read straight into their shardings
-            params = mtp_train.initial_params(cfg, k_init)[0]
+        # params are created/read straight into their shardings
+        params = mtp_train.initial_params(cfg, k_init, mesh)[0]
     lc = cfg.train.lora
     tree = {"params": params, "lora": init_lora(params, lc, k_lora) if lc.enabled else {}}
     tx, _ = make_optimizer(cfg.train, tree)
@@ -210,8 +210,8 @@ def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     start = Checkpointer(ckpt_dir, async_save=False).latest_step() \
         if os.path.isdir(ckpt_dir) else None
     if start is None:
-        with jax.set_mesh(mesh):  # params are created/read straight into their shardings
-            params, report = mtp_train.initial_params(cfg, jax.random.split(rng)[0])
+        # params are created/read straight into their shardings
+        params, report = mtp_train.initial_params(cfg, jax.random.split(rng)[0], mesh)
         state = create_train_state(cfg, rng, params=params, mesh=mesh)
     else:  # restore onto shapes and shardings only: no init checkpoint read, no random init
         report = [f"resumed from step {start} in {ckpt_dir}"]
