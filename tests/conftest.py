@@ -1,12 +1,41 @@
-"""Test setup: 8 fake CPU devices (sharding tests) and strict rank promotion, before jax loads."""
+"""Test setup, before jax loads: 8 fake CPU devices (sharding tests), strict rank promotion, and
+one persistent XLA compilation cache per test session, shared by the xdist workers and by every
+subprocess a test starts (they inherit the environment), so a program compiled by one test is
+read back, not compiled again, by the next test or process that builds the same one."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A fresh cache per session (the pytest process that creates it removes it at exit); set
+# JAX_COMPILATION_CACHE_DIR yourself to keep one across runs. The cache key covers the program,
+# compile options, devices, jax/jaxlib versions and XLA_FLAGS (the fake device count aside),
+# so a hit is the executable a fresh compile would give. A size bound turns on its file lock
+# (two workers write to it concurrently).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="jaxdyn-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Multi-minute tests (subprocess trainings, 8-device parity) start first, so that neither xdist
+# worker is left running one of them alone at the end of the suite.
+HEAVY_FIRST = ("test_distributed.py::test_local_sh", "test_colab.py::test_notebook_executes",
+               "test_bench.py::test_cli", "test_sharding.py::test_train_step_2x2x2",
+               "test_visualize.py::test_generate_and_visualize_clis")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = lambda item: next((i for i, h in enumerate(HEAVY_FIRST) if h in item.nodeid),
+                             len(HEAVY_FIRST))
+    items.sort(key=rank)  # stable: the collection order within each rank
