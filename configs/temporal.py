@@ -56,10 +56,11 @@ def get_config(preset: str = "tiny") -> mlc.ConfigDict:
         soft_temp=0.01,  # T_s of the soft window, τ units (0.1 year)
         readout="attn",  # "attn" segment-softmax pooling of query nodes | "mean"
         id_table=0,  # > 0: opt-in learned per-entity table with this many rows (budget!)
-        # Scale of W_t's LeCun init (1 = spec). 0 = the time pathway starts silent: at LeCun
-        # init the sin features carry ≈4× the across-example variance of W_g f_g into the
-        # adapter and drown the graph signal (measured; README "Temporal adapters").
-        time_init=_pick(preset, tiny=0.0, small=0.0, qwen2_5_0_5b=1.0),
+        # Scale of W_t's LeCun init (1 = spec). At scale 1 the sin features carry ≈4× the
+        # across-example variance of W_g f_g into the adapter and drown the graph signal
+        # (measured; README "Temporal adapters"); 0.1 keeps the time pathway alive but quiet
+        # (0 would leave a graph=None adapter with GELU(0) = 0 hidden units: it never trains).
+        time_init=_pick(preset, tiny=0.1, small=0.1, qwen2_5_0_5b=1.0),
     ))
     # ----- TCG-Synth world and splits: jaxdyn.data.temporal_synth.SynthConfig (spec §11) -----
     c.synth = mlc.ConfigDict(dict(

@@ -235,7 +235,11 @@ def test_gradients_reach_only_trainable_params(params):
 
 
 def test_silent_time_init_starts_at_zero_and_still_learns():
-    """time_init=0: W_t starts at 0 (base model at step 0, φ silent) and trains once W_o ≠ 0."""
+    """time_init=0: W_t starts at 0 (base model at step 0, φ silent) and trains once W_o ≠ 0.
+
+    Needs the graph term: with graph=None too, every hidden unit is GELU(0) = 0 and the adapter
+    can never leave b_o (so the CPU presets use a small non-zero scale, 0.1).
+    """
     tcfg = dataclasses.replace(TCFG, time_init=0.0)
     p = tm.init_params(CFG, tcfg, jax.random.key(0))
     ref = tm.init_params(CFG, TCFG, jax.random.key(0))["temporal"]["adapters"]
