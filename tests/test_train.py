@@ -139,8 +139,9 @@ def test_init_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 @pytest.mark.parametrize("spec", ["configs/mod.py:tiny", "configs/dtf.py:tiny"])
 def test_routed_models_train_and_log_router_metrics(tmp_path, spec):
-    train_and_evaluate(cfg_for("--config.train.steps=4", "--config.log.every=2", spec=spec),
-                       str(tmp_path))
+    train_and_evaluate(cfg_for("--config.train.steps=4", "--config.log.every=2",
+                               "--config.eval.batches=1", "--config.sample.max_new_tokens=0",
+                               spec=spec), str(tmp_path))
     row = [r for r in read_metrics(str(tmp_path)) if r["split"] == "train"][-1]
     assert row["train/router/selected_frac"] == pytest.approx(0.5, abs=0.05)
     assert "train/router/layer_1/selected_frac" in row
@@ -165,6 +166,7 @@ def test_transfer_run_logs_the_dense_first_batch_loss(tmp_path, capsys):
     save_params(str(d / "params"), init_params(dense_cfg, jax.random.key(0)))
     train_and_evaluate(cfg_for(f"--config.init.checkpoint={d}", "--config.tokenizer.kind=byte",
                                "--config.train.steps=1", "--config.eval.causal_mode=false",
+                               "--config.eval.batches=1", "--config.sample.max_new_tokens=0",
                                "--config.model.routing.capacity=1.0",
                                "--config.model.routing.gate=ones", spec="configs/mod.py:tiny"),
                        str(tmp_path / "w"))
