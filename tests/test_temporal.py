@@ -207,13 +207,19 @@ def test_jraph_padding_helper_still_broken():
         jraph.zero_out_padding(g)
 
 
-def test_gradients_reach_only_trainable_params(params):
-    _, p = params
+def two_record_batch(tcfg):
+    """(device batch, graph, fwd) of two records in one regime, for loss/gradient tests."""
     arr, g = batch_of([record(), record("2012-05-05", "Mira", ("2010-01-01", "2015-06-01"))])
     dev = {k: arr[k] for k in ("tokens", "ans_pos", "ans_tok", "ans_mask", "tau", "regime")}
-    model = tm.build(CFG, TCFG)
+    model = tm.build(CFG, tcfg)
     fwd = lambda q, tok, t, gr: model.apply({"params": q}, tok, time=t, graph=gr,
                                             compute_logits=False)
+    return dev, g, fwd
+
+
+def test_gradients_reach_only_trainable_params(params):
+    _, p = params
+    dev, g, fwd = two_record_batch(TCFG)
     tc = TrainConfig(steps=2, lr=1e-2)
     grad_fn = jax.jit(jax.value_and_grad(
         lambda q, b, gr, r: loss_fn(q, b, gr, r, fwd, tc, tm.is_trainable), has_aux=True))
@@ -246,11 +252,7 @@ def test_silent_time_init_starts_at_zero_and_still_learns():
     ad = p["temporal"]["adapters"]
     assert float(jnp.max(jnp.abs(ad["W_t"]))) == 0.0 and float(jnp.std(ref["W_t"])) > 0.1
     np.testing.assert_array_equal(np.asarray(ad["W_g"]), np.asarray(ref["W_g"]))
-    arr, g = batch_of([record(), record("2012-05-05", "Mira", ("2010-01-01", "2015-06-01"))])
-    dev = {k: arr[k] for k in ("tokens", "ans_pos", "ans_tok", "ans_mask", "tau", "regime")}
-    model = tm.build(CFG, tcfg)
-    fwd = lambda q, tok, t, gr: model.apply({"params": q}, tok, time=t, graph=gr,
-                                            compute_logits=False)
+    dev, g, fwd = two_record_batch(tcfg)
     tc = TrainConfig(steps=4, lr=1e-2)
     opt = make_optimizer(p, tc, tm.is_trainable)
     state = opt.init(p)
