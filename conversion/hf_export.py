@@ -73,9 +73,8 @@ class _Source:
         if layer is None:
             path, idx = jx, None
         else:
-            n = max(1, len(self.slots))
-            unit, slot = (layer, "") if not self.slots else (layer // n,
-                                                             self.slots[layer % n] + "/")
+            n = len(self.slots)  # layers per unit; 0: a dense model's unit is the layer
+            unit, slot = (layer, "") if not n else (layer // n, self.slots[layer % n] + "/")
             if self.cfg.scan_layers:
                 path, idx = f"layers/{slot}{jx}", unit
             else:

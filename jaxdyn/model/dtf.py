@@ -184,4 +184,4 @@ def init_dtf_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
 
 register_unit("dtf", UnitSpec(
     make=lambda cls, cfg, mode, name: cls(cfg, routing_mode=mode, name=name),
-    module=DTFUnit, layers_per_unit=lambda cfg: 2, init_cache=init_dtf_cache))
+    module=DTFUnit, init_cache=init_dtf_cache))

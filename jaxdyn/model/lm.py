@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxdyn.model.config import ConfigError, ModelConfig
 from jaxdyn.model.layers import dtype_of, make_norm, param_init
+from jaxdyn.model.routing_options import layers_per_unit
 from jaxdyn.model.transformer import DecoderLayer, constrain, init_layer_cache
 
 
@@ -30,13 +31,12 @@ class UnitSpec:
 
     make: Callable[..., nn.Module]  # (cls, cfg, routing_mode, name) -> unit instance
     module: type[nn.Module]
-    layers_per_unit: Callable[[ModelConfig], int]  # decoder layers in one unit
     init_cache: Callable[[ModelConfig, int, int, Any], Any]  # one unit's cache
 
 
 UNITS: dict[str, UnitSpec] = {
     "dense": UnitSpec(make=lambda cls, cfg, mode, name: cls(cfg, name=name), module=DecoderLayer,
-                      layers_per_unit=lambda cfg: 1, init_cache=init_layer_cache),
+                      init_cache=init_layer_cache),
 }
 
 
@@ -46,7 +46,7 @@ def register_unit(arch: str, spec: UnitSpec) -> None:
 
 def unit_spec(cfg: ModelConfig) -> UnitSpec:
     spec = UNITS[cfg.arch]
-    n = spec.layers_per_unit(cfg)
+    n = layers_per_unit(cfg)
     if cfg.num_layers % n:
         raise ConfigError(f"arch={cfg.arch!r} needs num_layers divisible by {n}, "
                           f"got {cfg.num_layers}")
@@ -55,7 +55,8 @@ def unit_spec(cfg: ModelConfig) -> UnitSpec:
 
 def num_units(cfg: ModelConfig) -> int:
     """U: how many scan units the decoder stacks (L / layers per unit)."""
-    return cfg.num_layers // unit_spec(cfg).layers_per_unit(cfg)
+    unit_spec(cfg)  # validates the layer count
+    return cfg.num_layers // layers_per_unit(cfg)
 
 
 def remat_policy(name: str):

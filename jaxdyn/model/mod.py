@@ -38,7 +38,7 @@ from jaxdyn.model.routing import (
     token_validity,
     topk_mask,
 )
-from jaxdyn.model.routing_options import layers_per_unit, routed_k, routing_opts, unit_slots
+from jaxdyn.model.routing_options import routed_k, routing_opts, unit_slots
 from jaxdyn.model.transformer import DecoderLayer, init_layer_cache
 
 f32 = jnp.float32
@@ -132,4 +132,4 @@ def init_mod_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
 
 register_unit("mod", UnitSpec(
     make=lambda cls, cfg, mode, name: cls(cfg, routing_mode=mode, name=name),
-    module=MoDUnit, layers_per_unit=layers_per_unit, init_cache=init_mod_cache))
+    module=MoDUnit, init_cache=init_mod_cache))
