@@ -26,7 +26,7 @@ from jaxdyn import configlib, distributed, flops, mtp_train, sharding
 from jaxdyn.checkpoint import Checkpointer
 from jaxdyn.loss import lm_loss
 from jaxdyn.metrics import MetricsWriter
-from jaxdyn.model import param_count
+from jaxdyn.model import build, param_count
 from jaxdyn.optim import init_lora, make_optimizer, make_schedule, merge_lora, trainable_mask
 from jaxdyn.train_setup import (
     CheckpointMismatchError,
@@ -34,7 +34,7 @@ from jaxdyn.train_setup import (
     accum_sharding,
     apply_debug_switches,
     check_init_checkpoint,
-    dense_reference_nll,
+    dense_transfer_source,
     gather_data_state,
     host_params,
     make_data,
@@ -324,12 +324,17 @@ def log_transfer(writer: MetricsWriter, cfg: mlc.ConfigDict, eval_fn, tree, batc
                  main: bool) -> None:
     """Dense → routed transfer: the dense source's and the fresh routed model's LM loss on the
     first training micro-batch, as a `transfer` row at step 0 (nothing for other runs)."""
-    first = jax.tree.map(lambda a: a[0], batch)  # [grad_accum, b, T] -> [b, T]
-    dense = dense_reference_nll(cfg, first)
-    if dense is None:
+    src = dense_transfer_source(cfg)
+    if src is None:
         return
+    icfg, dense = src
+    first = jax.tree.map(lambda a: a[0], batch)  # [grad_accum, b, T] -> [b, T]
+    tc = mlc.FrozenConfigDict(cfg.train)
+    dense_nll = jax.jit(lambda p, b: loss_fn({"params": p, "lora": {}}, b, build(icfg),
+                                             tc)[1][0]["nll"])
     s, n, _ = jax.device_get(eval_fn(tree, first))
-    row = {"transfer/dense_nll": dense, "transfer/routed_nll": float(s) / max(float(n), 1.0)}
+    row = {"transfer/dense_nll": float(jax.device_get(dense_nll(dense, first))),
+           "transfer/routed_nll": float(s) / max(float(n), 1.0)}
     writer.write(0, "transfer", row)
     if main:
         print(f"transfer: first-batch loss dense {row['transfer/dense_nll']:.4f}, routed at "

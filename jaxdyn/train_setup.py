@@ -253,30 +253,17 @@ def initial_params(cfg: mlc.ConfigDict, rng: jax.Array,
                     f"tensors ({n / 1e6:.2f}M params); new parameters: none"]
 
 
-def dense_reference_nll(cfg: mlc.ConfigDict, batch: dict) -> float | None:
-    """The dense source model's LM loss (nats per target) on `batch` when this run transfers a
-    dense `init.checkpoint` into a routed model, else None (routing spec §5: step-0 loss sits
-    above the dense loss; logging both shows by how much). Reads the checkpoint once more and
-    frees it again, so the dense copy never lives alongside the training state."""
-    from jaxdyn.loss import lm_loss
-    from jaxdyn.model import build
-
+def dense_transfer_source(cfg: mlc.ConfigDict) -> tuple[ModelConfig, Any] | None:
+    """(dense config, dense params) when this run transfers a dense `init.checkpoint` into a
+    routed model, else None. Reads the checkpoint once more (the trainer logs the dense
+    first-batch loss from it, routing spec §5, and frees it again)."""
     mcfg = configlib.model_config(cfg)
     if not cfg.init.checkpoint or mcfg.arch == "dense":
         return None
     icfg, _, load = _source(cfg.init.checkpoint)
     if icfg.arch != "dense":
         return None
-    dense = jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(icfg.param_dtype)), load())
-
-    @jax.jit
-    def nll(params, b):
-        out = build(icfg).apply({"params": params}, b["tokens"], b["positions"],
-                                b["segment_ids"], compute_logits=False)
-        return lm_loss(out.hidden, out.unembed, b["tokens"], b["segment_ids"],
-                       chunk=cfg.train.loss_chunk)[1]["nll"]
-
-    return float(jax.device_get(nll(dense, batch)))
+    return icfg, jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(icfg.param_dtype)), load())
 
 
 # ----------------------------------------------------------------------------- run files
