@@ -32,7 +32,8 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # worker is left running one of them alone at the end of the suite.
 HEAVY_FIRST = ("test_distributed.py::test_local_sh", "test_colab.py::test_notebook_executes",
                "test_bench.py::test_cli", "test_sharding.py::test_train_step_2x2x2",
-               "test_visualize.py::test_generate_and_visualize_clis")
+               "test_visualize.py::test_generate_and_visualize_clis",
+               "test_temporal_experiment.py::test_tiny_experiment_end_to_end")
 
 
 def pytest_collection_modifyitems(config, items):

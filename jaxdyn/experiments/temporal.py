@@ -58,7 +58,8 @@ class Preset:
     pretrain_steps: int
     pretrain_lr: float
     train: TrainConfig
-    pretrain_rename: float = 0.5  # fraction of pretraining questions with fresh names
+    pretrain_rename: float = 1.0  # fraction of pretraining questions with fresh names
+    pretrain_prompt_weight: float = 0.1  # loss weight of prompt tokens (answers weigh 1)
     pretrain_batch: int = 32
     lora_rank: int = 8
     eval_batch: int = 64
@@ -89,6 +90,7 @@ def from_config(cfg) -> Preset:
                   backbone=configlib.model_config(cfg), temporal=temporal_config(cfg.temporal),
                   pretrain_steps=cfg.pretrain.steps, pretrain_lr=cfg.pretrain.lr,
                   train=TrainConfig(**dict(cfg.adapter)), pretrain_rename=cfg.pretrain.rename,
+                  pretrain_prompt_weight=cfg.pretrain.prompt_weight,
                   pretrain_batch=cfg.pretrain.batch_size,
                   lora_rank=cfg.experiment.lora_rank, eval_batch=cfg.experiment.eval_batch,
                   runs=tuple(cfg.experiment.runs),
@@ -118,32 +120,45 @@ def trainable_fraction_at(cfg: ModelConfig, tcfg: tm.TemporalConfig) -> dict:
 # ----------------------------------------------------------------------------- backbone
 
 
-def renamed_text(rec: dict, rng: np.random.Generator) -> str:
-    """The record's "Question: … Answer: …" text with its query entities given fresh names."""
-    text = prompt_text(rec) + answer_text(rec["answer"])
+def renamed_text(rec: dict, rng: np.random.Generator) -> tuple[str, str]:
+    """(prompt, answer) text of the record with its query entities given fresh names."""
     names = {n["id"]: n["name"] for n in rec["graph"]["nodes"]}
     old = [names[q] for q in rec["query_nodes"]]
-    new = make_names(rng, len(old))
-    table = dict(zip(old, new, strict=True))
+    table = dict(zip(old, make_names(rng, len(old)), strict=True))
     pat = re.compile(r"\b(" + "|".join(map(re.escape, old)) + r")\b")
-    return pat.sub(lambda m: table[m.group(1)], text)
+    sub = lambda text: pat.sub(lambda m: table[m.group(1)], text)
+    return sub(prompt_text(rec)), sub(answer_text(rec["answer"]))
+
+
+def pretrain_arrays(pairs: list[tuple[str, str]], seq_len: int,
+                    prompt_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens [n, T] and the loss weight of predicting token j+1 at j, [n, T−1]: 1 for answer
+    tokens, `prompt_weight` for prompt tokens, 0 for padding."""
+    toks = np.zeros((len(pairs), seq_len), np.int32)
+    wts = np.zeros((len(pairs), seq_len - 1), np.float32)
+    for i, (prompt, answer) in enumerate(pairs):
+        n_p, b = len(tokenize(prompt)), tokenize(prompt + answer)[:seq_len]
+        toks[i, :len(b)] = b
+        wts[i, :len(b) - 1] = prompt_weight
+        wts[i, n_p - 1:len(b) - 1] = 1.0
+    return toks, wts
 
 
 def pretrain_backbone(cfg: ModelConfig, recs: list[dict], sh: Shapes, steps: int, lr: float,
-                      batch: int, seed: int, rename: float = 1.0, log=print) -> dict:
+                      batch: int, seed: int, rename: float = 1.0, prompt_weight: float = 1.0,
+                      log=print) -> dict:
     """Next-token LM on "Question: … Answer: …\\n" (no dates, no graphs), from scratch.
 
     A fraction `rename` of the examples get fresh entity names, drawn anew every epoch, so the
-    backbone learns to copy a candidate instead of memorising who answered most often.
+    backbone cannot memorise who answered. Prompt tokens weigh `prompt_weight` in the loss and
+    answer tokens 1: the fresh names in a prompt are unpredictable noise, and at 0 the whole
+    gradient goes to reading the answer off the prompt.
     """
     rng = np.random.default_rng(seed)
     epochs = max(1, -(-steps * batch // len(recs)))
-    texts = [renamed_text(r, rng) if rng.random() < rename else prompt_text(r)
-             + answer_text(r["answer"]) for _ in range(epochs) for r in recs]
-    toks = np.zeros((len(texts), sh.seq_len), np.int32)
-    for i, t in enumerate(texts):
-        b = tokenize(t)[:sh.seq_len]
-        toks[i, :len(b)] = b
+    pairs = [renamed_text(r, rng) if rng.random() < rename else
+             (prompt_text(r), answer_text(r["answer"])) for _ in range(epochs) for r in recs]
+    toks, wts = pretrain_arrays(pairs, sh.seq_len, prompt_weight)
     model = build(cfg)
     params = init_params(cfg, jax.random.key(seed))
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), max(steps, 2))
@@ -151,19 +166,19 @@ def pretrain_backbone(cfg: ModelConfig, recs: list[dict], sh: Shapes, steps: int
     state = opt.init(params)
 
     @jax.jit
-    def step(params, state, x):
+    def step(params, state, x, w):
         def loss(p):
             logp = jax.nn.log_softmax(model.apply({"params": p}, x[:, :-1]).logits)
             nll = -jnp.take_along_axis(logp, x[:, 1:, None], axis=-1)[..., 0]
-            m = (x[:, 1:] != 0).astype(jnp.float32)
-            return jnp.sum(nll * m) / m.sum()
+            return jnp.sum(nll * w) / jnp.maximum(w.sum(), 1.0)
         val, g = jax.value_and_grad(loss)(params)
         upd, state = opt.update(g, state, params)
         return optax.apply_updates(params, upd), state, val
 
     t0 = time.time()
     for s in range(1, steps + 1):
-        params, state, val = step(params, state, toks[rng.choice(len(toks), batch, False)])
+        idx = rng.choice(len(toks), batch, False)
+        params, state, val = step(params, state, toks[idx], wts[idx])
         if s % max(1, steps // 6) == 0 or s == steps:
             log(f"[backbone] step {s} lm loss {float(val):.4f} ({time.time() - t0:.0f}s)")
     return params
@@ -238,7 +253,7 @@ def get_backbone(p: Preset, train_recs: list[dict], log) -> dict:
     if p.pretrain_steps > 0:
         return pretrain_backbone(p.backbone, train_recs, p.shapes, p.pretrain_steps,
                                  p.pretrain_lr, p.pretrain_batch, p.seed, p.pretrain_rename,
-                                 log)
+                                 p.pretrain_prompt_weight, log)
     if not p.init_checkpoint:
         raise ValueError("pretrain.steps=0 needs --config.init.checkpoint=DIR (a dense "
                          "import or training workdir) as the frozen backbone")
@@ -275,6 +290,8 @@ def run_experiment(p: Preset, out: str, log=print) -> dict:
         res = evaluate_run(forward, params, data, p, tc is not None and tc.use_time,
                            tc is not None and tc.use_graph, dip)
         n_t, n_f = trainable_fraction(params, trainable)
+        if tc is None:  # the base run trains nothing (its temporal leaves are never used)
+            n_t = 0
         res.update(seconds=round(time.time() - t0, 1), trainable=n_t, frozen=n_f)
         results["runs"][name] = res
         if name == p.save_checkpoint:
