@@ -86,7 +86,7 @@ def get_config(preset: str = "tiny") -> mlc.ConfigDict:
     c.adapter = mlc.ConfigDict(dict(
         steps=_pick(preset, tiny=3, small=1500, qwen2_5_0_5b=20_000),  # optimizer steps
         batch_size=_pick(preset, tiny=8, small=16, qwen2_5_0_5b=16),  # examples per step
-        # Peak AdamW lr; the spec's 1e-4 is for long runs, CPU presets train 300 steps.
+        # Peak AdamW lr; the spec's 1e-4 is for long runs, the small preset trains 1,500 steps.
         lr=_pick(preset, tiny=3e-3, small=3e-3, qwen2_5_0_5b=1e-4),
         warmup_frac=0.1,  # linear warm-up share of the steps, then cosine decay
         weight_decay=0.01,  # AdamW decay on matrices (not biases, norms, Time2Vec)
