@@ -113,7 +113,9 @@ def get_config(preset: str = "tiny") -> mlc.ConfigDict:
     ))
     # ----- experiment: runs compared on one frozen backbone (spec §11.5) -----
     c.experiment = mlc.ConfigDict(dict(
-        # base (frozen, no adapters), full, ablations, date_in_prompt (+ LoRA r on q, v).
+        # base (frozen, no adapters), full, ablations, date_in_prompt (+ LoRA r on q, v);
+        # also token_conditioned and mean_readout (the full recipe with W_h·RMSNorm(Block(H))
+        # added, or readout="mean"), not in the default lists.
         runs=_pick(preset, tiny=("base", "full", "no_gnn", "date_in_prompt"),
                    small=("base", "full", "no_time2vec", "no_gnn", "no_reg", "all_pairs",
                           "date_in_prompt"),

@@ -5,6 +5,7 @@ import json
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -76,3 +77,20 @@ def test_tiny_experiment_end_to_end(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert {r["run"] for r in rows} == {"full", "date_in_prompt"}
     assert any(line.startswith("[backbone] step") for line in logs)
+
+
+def test_architecture_ablations_change_only_the_temporal_pathway():
+    p = xp.load_preset("tiny")
+    backbone = xp.init_params(p.backbone, jax.random.key(0))
+    trees = {name: xp.make_run(name, p, backbone)[1]
+             for name in ("full", "token_conditioned", "mean_readout")}
+    adapters = {k: set(t["temporal"]["adapters"]) for k, t in trees.items()}
+    graph = {k: set(t["temporal"]["graph"]) for k, t in trees.items()}
+    assert adapters["token_conditioned"] - adapters["full"] == {"W_h", "h_norm"}
+    assert adapters["mean_readout"] == adapters["full"]
+    assert graph["full"] - graph["mean_readout"] == {"pool_query"}
+    for name, tree in trees.items():
+        assert xp.run_spec(name, p) == p.train  # same training recipe as the full model
+        same = jax.tree.map(lambda a, b: bool((a == b).all()),
+                            {k: v for k, v in tree.items() if k != "temporal"}, backbone)
+        assert all(jax.tree.leaves(same))  # the frozen backbone is the given one

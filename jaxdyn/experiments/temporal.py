@@ -44,7 +44,8 @@ from jaxdyn.temporal import (
 )
 from jaxdyn.temporal_generate import save_temporal
 
-RUNS = ("base", "full", "no_time2vec", "no_gnn", "no_reg", "all_pairs", "date_in_prompt")
+RUNS = ("base", "full", "no_time2vec", "no_gnn", "no_reg", "all_pairs", "date_in_prompt",
+        "token_conditioned", "mean_readout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +228,15 @@ def run_spec(name: str, p: Preset) -> TrainConfig | None:
     return {"base": None, "full": t, "no_time2vec": rep(t, use_time=False),
             "no_gnn": rep(t, use_graph=False), "no_reg": rep(t, lam=0.0, reg_mode="none"),
             "all_pairs": rep(t, reg_mode="all_pairs"),
-            "date_in_prompt": rep(t, use_time=False, use_graph=False, reg_mode="none")}[name]
+            "date_in_prompt": rep(t, use_time=False, use_graph=False, reg_mode="none"),
+            "token_conditioned": t, "mean_readout": t}[name]
+
+
+def run_temporal(name: str, p: Preset) -> tm.TemporalConfig:
+    """The temporal pathway of a run: the preset's, or its architecture ablation (spec §11.5)."""
+    rep = dataclasses.replace
+    return {"token_conditioned": rep(p.temporal, token_conditioned=True),
+            "mean_readout": rep(p.temporal, readout="mean")}.get(name, p.temporal)
 
 
 def fraction_at_05b() -> dict:
@@ -243,9 +252,10 @@ def make_run(name: str, p: Preset, backbone: dict):
                                                 jax.random.key(p.seed + 1))}
         return (lora_forward(p.backbone), params,
                 lambda path: getattr(path[0], "key", None) == "lora", True)
-    params = tm.with_backbone(tm.init_params(p.backbone, p.temporal,
+    tcfg = run_temporal(name, p)
+    params = tm.with_backbone(tm.init_params(p.backbone, tcfg,
                                              jax.random.key(p.seed + 1)), backbone)
-    return adapter_forward(p.backbone, p.temporal), params, tm.is_trainable, False
+    return adapter_forward(p.backbone, tcfg), params, tm.is_trainable, False
 
 
 def get_backbone(p: Preset, train_recs: list[dict], log) -> dict:
@@ -295,8 +305,8 @@ def run_experiment(p: Preset, out: str, log=print) -> dict:
         res.update(seconds=round(time.time() - t0, 1), trainable=n_t, frozen=n_f)
         results["runs"][name] = res
         if name == p.save_checkpoint:
-            save_temporal(os.path.join(out, "checkpoint"), p.backbone, p.temporal, p.shapes,
-                          params)
+            save_temporal(os.path.join(out, "checkpoint"), p.backbone, run_temporal(name, p),
+                          p.shapes, params)
         log(f"[{name}] " + " ".join(f"{s}={res['splits'][s]['all']['rank']:.3f}"
                                     for s in SPLITS if s != "train") + f" ({res['seconds']}s)")
     results["seconds"] = round(time.time() - t_start, 1)
