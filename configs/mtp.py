@@ -5,7 +5,7 @@
         --config.init.checkpoint=imports/pythia-70m --workdir runs/mtp-70m
 
 The stem (layers 0..L-2) and head 1 (layer L-1 + final norm + unembedding) come from the dense
-model; heads 2..n are one new decoder layer + norm each (`jaxdyn.model.heads`). Learning rates
+model; heads 2..n are one new decoder layer + norm each (`jaxdyn.multitoken.heads`). Learning rates
 LR_B : LR_M : LR_MB = 1 : 100 : 0.1: `train.lr` is LR_B, `train.lr_groups` gives the new heads
 100x, and `mtp.stem_grad_scale` scales the heads' gradient into the stem (`grad_scale`).
 Presets: `tiny` (CPU, from scratch, GPT-NeoX D=64 L=4), `small`, `pythia-70m` (the paper's
@@ -37,7 +37,7 @@ def get_config(preset: str = "tiny"):
         c.train.update(lr=1e-5, batch_size=64, seq_len=2048, steps=75782, warmup_steps=758,
                        eps=1e-8, min_lr_ratio=0.0)
         c.eval.every = 5000
-    # ----- multi-token heads (jaxdyn.mtp.mtp_loss / jaxdyn.model.heads.MultiTokenLM) -----
+    # ----- multi-token heads (jaxdyn.multitoken.objective.mtp_loss / jaxdyn.multitoken.heads.MultiTokenLM) -----
     c.mtp = dict(
         n_heads=3,  # n: head i predicts x_{t+i} ("T3")
         head_depth=1,  # decoder layers per extra head (ablation: 2)

@@ -7,7 +7,7 @@
 
 Other experiments (`mod.py`, `dtf.py`, ...) start from `base_config(preset)` and change what
 differs, so every field below is documented once. Derived values (vocabulary raised to the
-tokenizer's, cache folder inside the workdir) are set by `jaxdyn.configlib.finalize`.
+tokenizer's, cache folder inside the workdir) are set by `jaxdyn.config.loader.finalize`.
 """
 
 import ml_collections as mlc
@@ -86,7 +86,7 @@ def base_config(preset: str) -> mlc.ConfigDict:
         cache_dir="",  # token cache (.npy); "" = <workdir>/cache, relative = inside workdir
     ))
 
-    # ----- tokenizer (jaxdyn.tokenizer.make_tokenizer) -----
+    # ----- tokenizer (jaxdyn.data.tokenizer.make_tokenizer) -----
     c.tokenizer = mlc.ConfigDict(dict(
         # byte | bpe (trained on the train split once, saved in <workdir>/tokenizer) |
         # checkpoint (the tokenizer stored with init.checkpoint)
@@ -94,7 +94,7 @@ def base_config(preset: str) -> mlc.ConfigDict:
         vocab_size=c.model.vocab_size,  # size of a trained BPE vocabulary (kind == "bpe")
     ))
 
-    # ----- training (jaxdyn.optim, jaxdyn.loss) -----
+    # ----- training (jaxdyn.train.optim, jaxdyn.model.loss) -----
     c.train = mlc.ConfigDict(dict(
         steps=_pick(preset, tiny=60, small=2000, qwen2_5_0_5b=728),  # optimizer steps
         # Global batch (sequences per optimizer step); split into grad_accum micro-batches.

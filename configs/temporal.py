@@ -2,7 +2,7 @@
 
     python -m jaxdyn.experiments.temporal --config configs/temporal.py:small --out runs/temporal
     python -m jaxdyn.experiments.temporal --preset tiny --out runs/temporal-tiny
-    python -m jaxdyn.data.temporal_synth --out DIR --seed 0     # the benchmark alone
+    python -m jaxdyn.temporal.synth --out DIR --seed 0     # the benchmark alone
 
 The temporal trainer is `jaxdyn.experiments.temporal` (it reads the `temporal`, `synth`,
 `shapes`, `adapter`, `pretrain` and `experiment` blocks below). `python -m jaxdyn.train` does
@@ -19,7 +19,7 @@ from configs.standard import base_config
 
 PRESETS = ("tiny", "small", "qwen2.5-0.5b")
 
-# TCG-Synth syllable tokenizer size (jaxdyn.temporal_tokenizer; a multiple of 128).
+# TCG-Synth syllable tokenizer size (jaxdyn.temporal.tokenizer; a multiple of 128).
 _SYLLABLE_VOCAB = 1664
 
 
@@ -37,7 +37,7 @@ def get_config(preset: str = "tiny") -> mlc.ConfigDict:
             hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
             intermediate_size=192)))
         c.model.update(vocab_size=_SYLLABLE_VOCAB, max_position_embeddings=128)
-    # ----- temporal pathway: jaxdyn.model.temporal_encoders.TemporalConfig (spec §2–§6) -----
+    # ----- temporal pathway: jaxdyn.temporal.encoders.TemporalConfig (spec §2–§6) -----
     c.temporal = mlc.ConfigDict(dict(
         d_t=_pick(preset, tiny=8, small=16, qwen2_5_0_5b=64),  # Time2Vec width d_t
         periodic="sin",  # "sin" (Kazemi et al.) | "sincos" (README: sin and cos halves)
@@ -62,7 +62,7 @@ def get_config(preset: str = "tiny") -> mlc.ConfigDict:
         # (0 would leave a graph=None adapter with GELU(0) = 0 hidden units: it never trains).
         time_init=_pick(preset, tiny=0.1, small=0.1, qwen2_5_0_5b=1.0),
     ))
-    # ----- TCG-Synth world and splits: jaxdyn.data.temporal_synth.SynthConfig (spec §11) -----
+    # ----- TCG-Synth world and splits: jaxdyn.temporal.synth.SynthConfig (spec §11) -----
     c.synth = mlc.ConfigDict(dict(
         n_companies=_pick(preset, tiny=24, small=60, qwen2_5_0_5b=200),  # companies
         n_people=_pick(preset, tiny=60, small=150, qwen2_5_0_5b=400),  # people (leaders)
@@ -74,7 +74,7 @@ def get_config(preset: str = "tiny") -> mlc.ConfigDict:
         e_max=_pick(preset, tiny=64, small=96, qwen2_5_0_5b=256),  # edge cap per record graph
         seed=0,  # numpy default_rng seed of the generator
     ))
-    # ----- static batch shapes: jaxdyn.temporal.Shapes (one compile per preset) -----
+    # ----- static batch shapes: jaxdyn.temporal.batching.Shapes (one compile per preset) -----
     c.shapes = mlc.ConfigDict(dict(
         seq_len=_pick(preset, tiny=64, small=56, qwen2_5_0_5b=256),  # T, prompt + answer
         ans_len=6,  # A, answer tokens incl. the "\n" end marker
@@ -82,7 +82,7 @@ def get_config(preset: str = "tiny") -> mlc.ConfigDict:
         e_max=c.synth.e_max,  # E_max edge slots per example
         name_len=_pick(preset, tiny=4, small=4, qwen2_5_0_5b=12),  # L_name tokens per node
     ))
-    # ----- adapter training: jaxdyn.temporal.TrainConfig (spec §7–§8) -----
+    # ----- adapter training: jaxdyn.temporal.batching.TrainConfig (spec §7–§8) -----
     c.adapter = mlc.ConfigDict(dict(
         steps=_pick(preset, tiny=3, small=1500, qwen2_5_0_5b=20_000),  # optimizer steps
         batch_size=_pick(preset, tiny=8, small=16, qwen2_5_0_5b=16),  # examples per step

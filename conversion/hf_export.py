@@ -25,7 +25,7 @@ from flax import traverse_util
 from conversion import hf_config, mapping
 from conversion.errors import ConversionError
 from jaxdyn.model import ModelConfig
-from jaxdyn.model.routing_options import unit_slots
+from jaxdyn.model.routing.options import unit_slots
 
 _LAYER = re.compile(r"layers_\d+/")
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,

@@ -164,7 +164,7 @@ def load_model(path: str, target: Any | None = None) -> tuple[ModelConfig, Any, 
     """(cfg, params, tokenizer_dir) from a `conversion import` folder (`model_config.json` +
     `params/`) or a training workdir (its latest checkpoint; LoRA factors merged in).
     `target`: sharded ShapeDtypeStructs (see `load_params`) to read params shard by shard."""
-    from jaxdyn.optim import merge_lora
+    from jaxdyn.train.optim import merge_lora
 
     path = os.path.abspath(path)
     cfg_path = os.path.join(path, "model_config.json")

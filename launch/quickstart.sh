@@ -13,7 +13,7 @@ WORKDIR="${WORKDIR:-runs/quickstart}"
 echo "== training $CONFIG into $WORKDIR"
 .venv/bin/python -m jaxdyn.train --config "$CONFIG" --workdir "$WORKDIR" "$@"
 echo "== plots"
-.venv/bin/python -m jaxdyn.plot --workdir "$WORKDIR"
+.venv/bin/python -m jaxdyn.viz.dashboard --workdir "$WORKDIR"
 echo "== generation from the checkpoint"
 .venv/bin/python -m jaxdyn.generate --checkpoint "$WORKDIR" --prompt "def " --max_new_tokens 64
 cat <<MSG

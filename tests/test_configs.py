@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxdyn import configlib
+from jaxdyn.config import loader as configlib
 
 ROOT = Path(__file__).resolve().parents[1]
 

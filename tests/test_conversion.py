@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import conversion
 from conversion import mapping, model_card
 from conversion.__main__ import main as cli
-from jaxdyn.generate import generate, load_for_inference
+from jaxdyn.decode.generate import generate, load_for_inference
 from jaxdyn.model import build
 
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -343,7 +343,7 @@ def test_routed_and_multitoken_export_their_dense_part(hf, imported, tmp_path):
     """A MoD model (unit j = dense layers 2j, 2j+1) and a multi-token model export back to the
     original HF bytes; routers, predictors and extra heads are reported as dropped."""
     from jaxdyn.model import abstract_params
-    from jaxdyn.model.heads import MultiTokenLM
+    from jaxdyn.multitoken.heads import multitoken_model
 
     cfg, params = imported["qwen2_tied"]  # scanned: layers/… [L, …]
     dense = flat(params)
@@ -358,7 +358,7 @@ def test_routed_and_multitoken_export_their_dense_part(hf, imported, tmp_path):
                 "routed": (f"layers/{rest}", slice(1, None, 2))}.get(slot)
 
     mod_params = _filled(abstract_params(mod_cfg), dense, mod_source)
-    mtp_abstract = jax.eval_shape(lambda r: MultiTokenLM(cfg, 2).init(
+    mtp_abstract = jax.eval_shape(lambda r: multitoken_model(cfg, 2).init(
         r, jnp.zeros((1, 8), jnp.int32))["params"], jax.random.key(0))
     mtp_params = _filled(mtp_abstract, dense, lambda k: (k, ()) if k in dense else None)
     for tag, c, p, dropped in (("mod", mod_cfg, mod_params, "layers/router/"),

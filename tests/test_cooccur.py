@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from jaxdyn.cooccur import CooccurTables, build_tables, encode, main
+from jaxdyn.multitoken.cooccur import CooccurTables, build_tables, encode, main
 
 
 def brute_counts(docs, order):

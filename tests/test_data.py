@@ -20,7 +20,7 @@ from jaxdyn.data import (
     make_train_iterator,
     tokenize_documents,
 )
-from jaxdyn.tokenizer import (
+from jaxdyn.data.tokenizer import (
     TokenizerNotFoundError,
     byte_tokenizer,
     load_tokenizer,

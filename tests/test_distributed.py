@@ -55,10 +55,11 @@ def _reference_losses(steps: int) -> list[float]:
     import jax
     import numpy as np
 
-    from jaxdyn import configlib, sharding
+    from jaxdyn import sharding
+    from jaxdyn.config import loader as configlib
     from jaxdyn.data import DataConfig, make_train_iterator
-    from jaxdyn.tokenizer import make_tokenizer
-    from jaxdyn.train import create_train_state, make_train_step
+    from jaxdyn.data.tokenizer import make_tokenizer
+    from jaxdyn.train.loop import create_train_state, make_train_step
 
     cfg = configlib.load_config(TRAIN[1], [*TRAIN[2:], "--config.train.steps=3"])
     tok = make_tokenizer("byte", directory="")
@@ -83,7 +84,7 @@ def test_local_sh_trains_on_two_processes_then_resumes_on_one(tmp_path):
     """`launch/local.sh 2`: 2 processes x 2 devices, a hybrid mesh (data across processes via
     dcn_data=2, fsdp=2 inside each); loss = one process on the same global batch; the
     checkpoint then resumes on a single process."""
-    from jaxdyn.metrics import read_metrics
+    from jaxdyn.train.metrics import read_metrics
 
     work = str(tmp_path / "run")
     env = {**os.environ, "PYTHON": sys.executable, "JAXDYN_CPU_DEVICES": "2", "XLA_FLAGS": ""}
@@ -104,7 +105,7 @@ def test_local_sh_trains_on_two_processes_then_resumes_on_one(tmp_path):
     # optimisations off (JAX practices §10) and skips the closing sample (the 2-process run
     # above already drew one as a collective).
     env1 = {**env, "JAXDYN_CPU_DEVICES": "2", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
-    out = subprocess.run([sys.executable, "-m", "jaxdyn.train", *TRAIN,
+    out = subprocess.run([sys.executable, "-m", "jaxdyn.train.loop", *TRAIN,
                           "--config.sample.max_new_tokens=0", "--config.train.steps=5",
                           "--workdir", work], env=env1, cwd=ROOT,
                          capture_output=True, text=True, timeout=900)

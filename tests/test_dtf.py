@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdyn.generate import generate
+from jaxdyn.decode.generate import generate
 from jaxdyn.model import build, init_cache, init_params, tiny
 
 SMALL = dict(hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
@@ -152,7 +152,7 @@ def test_kv_cached_generation_equals_causal_forward():
 
 
 def test_batched_left_padded_generation_is_greedy_under_causal_forward():
-    """`jaxdyn.generate` (left padding, prefill + cached decode) picks, at every step, the
+    """`jaxdyn.decode.generate` (left padding, prefill + cached decode) picks, at every step, the
     argmax of the unpadded causal full forward over the same sequence."""
     cfg = dtf_cfg(ma_window=3)
     p = params_for(cfg)

@@ -1,4 +1,4 @@
-"""jaxdyn.evaluate: perplexity equals exp of the directly computed mean token NLL (dense, MTP
+"""jaxdyn.evaluate.perplexity: perplexity equals exp of the directly computed mean token NLL (dense, MTP
 heads and PPL_{1:n}), bits per byte, routed-unit statistics, CLI and clear errors."""
 
 import json
@@ -8,10 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdyn.evaluate import evaluate, load_corpus, main
+from jaxdyn.data.tokenizer import byte_tokenizer
+from jaxdyn.evaluate.perplexity import evaluate, load_corpus, main
 from jaxdyn.model import build, init_params, tiny
-from jaxdyn.model.heads import MultiTokenLM, dense_params_of, init_mtp_params
-from jaxdyn.tokenizer import byte_tokenizer
+from jaxdyn.multitoken.heads import all_logits, dense_params_of, init_mtp_params, multitoken_model
 
 TEXTS = ["def f(x):\n    return x + 1\n", "import os\nprint(os.sep)\n", "a = [1, 2, 3]\n",
          "class A:\n    pass\n", "for i in range(3):\n    print(i)\n"]
@@ -34,7 +34,7 @@ def direct_logp(cfg, params, n_heads=1):
     if n_heads == 1:
         fwd = jax.jit(lambda p, x: build(cfg).apply({"params": p}, x).logits[None])
     else:
-        fwd = jax.jit(lambda p, x: MultiTokenLM(cfg, n_heads).apply({"params": p}, x).logits())
+        fwd = jax.jit(lambda p, x: all_logits(multitoken_model(cfg, n_heads).apply({"params": p}, x)))
     logp = np.asarray(jax.nn.log_softmax(fwd(params, ids), -1), np.float64)  # [n, B, T, V]
     return [(d, logp[:, i, :len(d)]) for i, d in enumerate(docs)]
 

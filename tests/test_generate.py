@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdyn.generate import compiled_steps, generate
+from jaxdyn.decode.generate import compiled_steps, generate
+from jaxdyn.decode.sampling import SamplingConfig, filter_logits, sample
 from jaxdyn.model import build, init_params, tiny
-from jaxdyn.sampling import SamplingConfig, filter_logits, sample
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_repetition_penalty_changes_greedy_choice():
 def save_checkpoint(path, cfg, params):
     """An import-style folder (model_config.json + params/ + byte tokenizer)."""
     from jaxdyn.checkpoint import save_params
-    from jaxdyn.tokenizer import byte_tokenizer
+    from jaxdyn.data.tokenizer import byte_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     cfg.save(str(path / "model_config.json"))
@@ -106,7 +106,7 @@ def save_checkpoint(path, cfg, params):
 
 
 def run_cli(capsys, *argv):
-    from jaxdyn.generate import main
+    from jaxdyn.decode.generate import main
 
     main(list(argv))
     out = capsys.readouterr()
@@ -136,7 +136,7 @@ def test_cli_hf_folder_imported_on_the_fly(tmp_path, capsys):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from jaxdyn.tokenizer import byte_tokenizer
+    from jaxdyn.data.tokenizer import byte_tokenizer
 
     torch.manual_seed(0)
     hf = Qwen2ForCausalLM(Qwen2Config(vocab_size=258, hidden_size=32, intermediate_size=64,
@@ -156,8 +156,8 @@ def test_cli_hf_folder_imported_on_the_fly(tmp_path, capsys):
 
 
 def test_cli_mtp_verify_equals_plain_and_multitoken_reports(tmp_path, capsys):
-    from jaxdyn.cooccur import main as cooccur_main
-    from jaxdyn.model.heads import init_mtp_params
+    from jaxdyn.multitoken.cooccur import main as cooccur_main
+    from jaxdyn.multitoken.heads import init_mtp_params
 
     cfg = tiny("gpt_neox", vocab_size=258, num_layers=2)
     ckpt = save_checkpoint(tmp_path / "mtp", cfg, init_mtp_params(cfg, 3, jax.random.key(2)))
@@ -176,7 +176,7 @@ def test_cli_mtp_verify_equals_plain_and_multitoken_reports(tmp_path, capsys):
 def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
     cfg = tiny("qwen2", vocab_size=258, max_position_embeddings=64)
     ckpt = save_checkpoint(tmp_path / "d", cfg, init_params(cfg, jax.random.key(0)))
-    from jaxdyn.generate import main
+    from jaxdyn.decode.generate import main
 
     cases = [
         (["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"], "does not exist"),

@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdyn.generate import generate
-from jaxdyn.lm_eval_adapter import JaxdynScorer
+from jaxdyn.data.tokenizer import byte_tokenizer
+from jaxdyn.decode.generate import generate
+from jaxdyn.evaluate.lm_eval import JaxdynScorer
 from jaxdyn.model import build, init_params, tiny
-from jaxdyn.tokenizer import byte_tokenizer
 
 DOCS = [{"q": "1 + 1 =", "choices": ["2", "3", "11"], "gold": 0},
         {"q": "def f(x): return", "choices": ["x", "(", " import"], "gold": 0},
@@ -71,7 +71,7 @@ def test_lm_eval_local_task_loglikelihoods_equal_the_model(model, tmp_path):
     from lm_eval.api.instance import Instance
     from lm_eval.tasks import TaskManager
 
-    from jaxdyn.lm_eval_adapter import JaxdynLM
+    from jaxdyn.evaluate.lm_eval import JaxdynLM
 
     cfg, params = model
     data = tmp_path / "mc.jsonl"

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdyn.loss import chunked_cross_entropy, lm_loss, shifted_targets
+from jaxdyn.model.loss import chunked_cross_entropy, lm_loss, shifted_targets
 
 
 def naive(h, w, y, m):

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from jaxdyn.model import ConfigError, build, init_cache, init_params, tiny
-from jaxdyn.model.routing_flops import routed_flops_per_token
-from jaxdyn.model.routing_options import unit_slots
-from jaxdyn.model.transfer import unstack_layers
+from jaxdyn.model.routing.flops import routed_flops_per_token
+from jaxdyn.model.routing.options import unit_slots
+from jaxdyn.model.routing.transfer import unstack_layers
 
 SMALL = dict(hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
              vocab_size=128, num_layers=4)

@@ -9,11 +9,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdyn.cooccur import CooccurTables, build_tables
-from jaxdyn.generate import generate
+from jaxdyn.decode.generate import generate
+from jaxdyn.decode.sampling import SamplingConfig
 from jaxdyn.model import build, tiny
-from jaxdyn.model.heads import (
-    MultiTokenLM,
+from jaxdyn.multitoken.cooccur import CooccurTables, build_tables
+from jaxdyn.multitoken.decode import (
+    generate_multitoken,
+    generate_verify,
+    multitoken_step,
+    plain_sampling,
+    verify_steps,
+)
+from jaxdyn.multitoken.grid import DynamoOptions, blur, joint_grid, otsu_threshold, select
+from jaxdyn.multitoken.heads import (
+    all_logits,
+    multitoken_model,
     dense_params_of,
     from_dense,
     grad_scale,
@@ -22,7 +32,7 @@ from jaxdyn.model.heads import (
     init_mtp_cache,
     init_mtp_params,
 )
-from jaxdyn.mtp import (
+from jaxdyn.multitoken.objective import (
     lr_group_labels,
     markov_corpus,
     mtp_loss,
@@ -30,15 +40,6 @@ from jaxdyn.mtp import (
     pack,
     train_tiny_mtp,
 )
-from jaxdyn.mtp_decode import (
-    generate_multitoken,
-    generate_verify,
-    multitoken_step,
-    plain_sampling,
-    verify_steps,
-)
-from jaxdyn.mtp_grid import DynamoOptions, blur, joint_grid, otsu_threshold, select
-from jaxdyn.sampling import SamplingConfig
 
 V = 32
 CFG = tiny("gpt_neox", vocab_size=V, num_layers=2, max_position_embeddings=512)
@@ -79,8 +80,8 @@ def test_head_i_loss_uses_tokens_shifted_by_i_within_documents(untrained):
     pos = np.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0]], np.int32)
     batch = {"tokens": tokens, "segment_ids": seg, "positions": pos}
     _, m = jax.jit(lambda p, b: mtp_loss(p, b, CFG, 3, chunk=4))(params, batch)
-    out = jax.jit(MultiTokenLM(CFG, 3).apply)({"params": params}, tokens, pos, seg)
-    logp = np.asarray(jax.nn.log_softmax(out.logits(), -1))[:, 0]  # [n, T, V]
+    out = jax.jit(multitoken_model(CFG, 3).apply)({"params": params}, tokens, pos, seg)
+    logp = np.asarray(jax.nn.log_softmax(all_logits(out), -1))[:, 0]  # [n, T, V]
     for i in (1, 2, 3):
         nll = [-logp[i - 1, t, tokens[0, t + i]] for t in range(10 - i)
                if seg[0, t] != 0 and seg[0, t + i] == seg[0, t]]
@@ -101,9 +102,9 @@ def test_from_dense_consumes_checkpoint_and_head1_is_the_dense_model():
     assert heads_of(params) == (3, 1) and heads_of(dense) == (1, 1)
     assert np.all(np.asarray(params["heads"]["norm"]["scale"]) == 1.0)
     tokens = jnp.array([[3, 1, 4, 1, 5, 9]])
-    out = jax.jit(MultiTokenLM(cfg, 3).apply)({"params": params}, tokens)
+    out = jax.jit(multitoken_model(cfg, 3).apply)({"params": params}, tokens)
     ref = jax.jit(build(cfg).apply)({"params": dense}, tokens).logits
-    assert np.array_equal(np.asarray(out.logits()[0]), np.asarray(ref))
+    assert np.array_equal(np.asarray(all_logits(out)[0]), np.asarray(ref))
     copied, _ = from_dense(cfg, dense, 3, jax.random.key(1), init_from_last_layer=True)
     last = dense["layers"]["attn"]["q"]["kernel"][2]
     assert np.array_equal(copied["heads"]["layer"]["attn"]["q"]["kernel"][1], last)
@@ -279,7 +280,7 @@ def _written_kv(cache, b):
 @jax.jit
 def _prefill_cache(params, tokens_BT, seg_BT):
     cache = init_mtp_cache(CFG, 3, 1, tokens_BT.shape[1])
-    return MultiTokenLM(CFG, 3).apply({"params": params}, tokens_BT, None, seg_BT, cache).cache
+    return multitoken_model(CFG, 3).apply({"params": params}, tokens_BT, None, seg_BT, cache).cache
 
 
 def _check_cache(params, cache, ctx_rows, min_len):
@@ -363,19 +364,19 @@ def test_verify_sampling_preserves_head1_distribution(untrained):
         ok, stat, crit = _chi2_ok(np.bincount(toks[:, j], minlength=V), marg)
         assert ok, (j, stat, crit)
     # The test has power: the drafting head's own distribution is rejected.
-    out = MultiTokenLM(CFG, 3).apply({"params": params}, jnp.asarray([prompt]))
-    q2 = np.asarray(jax.nn.softmax(out.logits()[1, 0, -1]), np.float64)
+    out = multitoken_model(CFG, 3).apply({"params": params}, jnp.asarray([prompt]))
+    q2 = np.asarray(jax.nn.softmax(all_logits(out)[1, 0, -1]), np.float64)
     assert not _chi2_ok(np.bincount(toks[:, 1], minlength=V), q2)[0]
 
 
 def test_trainer_writes_a_multitoken_checkpoint_that_generate_and_evaluate_load(tmp_path):
     """`python -m jaxdyn.train --config configs/mtp.py:tiny` -> a workdir with heads/ params,
     per-head metrics logged separately, loadable by generate (verify == plain) and evaluate."""
-    from jaxdyn import configlib
-    from jaxdyn.evaluate import evaluate as evaluate_ppl
-    from jaxdyn.generate import load_for_inference
-    from jaxdyn.metrics import read_metrics
-    from jaxdyn.train import train_and_evaluate
+    from jaxdyn.config import loader as configlib
+    from jaxdyn.decode.generate import load_for_inference
+    from jaxdyn.evaluate.perplexity import evaluate as evaluate_ppl
+    from jaxdyn.train.loop import train_and_evaluate
+    from jaxdyn.train.metrics import read_metrics
 
     cfg = configlib.load_config("configs/mtp.py:tiny", [
         "train.steps=3", "train.batch_size=2", "train.seq_len=32", "data.max_documents=30",

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdyn import configlib
+from jaxdyn.config import loader as configlib
 from jaxdyn.model import build, init_params, tiny
-from jaxdyn.optim import FROZEN, group_labels, init_lora, make_optimizer, merge_lora
+from jaxdyn.train.optim import FROZEN, group_labels, init_lora, make_optimizer, merge_lora
 
 
 def train_cfg(**kw):

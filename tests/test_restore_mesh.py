@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdyn import configlib, sharding
+from jaxdyn import sharding
 from jaxdyn.checkpoint import Checkpointer, load_model, save_params
+from jaxdyn.config import loader as configlib
 from jaxdyn.model import unstack_layers
-from jaxdyn.train import abstract_train_state, create_train_state
-from jaxdyn.train_setup import initial_params
+from jaxdyn.train.loop import abstract_train_state, create_train_state
+from jaxdyn.train.setup import initial_params
 
 OVERRIDES = ["--config.tokenizer.kind=byte", "--config.train.batch_size=8",
              "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from jaxdyn.model import ConfigError, routed_flops_per_token, tiny
-from jaxdyn.model import routing as R
-from jaxdyn.model.routing_options import capacity_k, prior_width
-from jaxdyn.model.transformer import DecoderLayer
+from jaxdyn.model.block import DecoderLayer
+from jaxdyn.model.routing import route as R
+from jaxdyn.model.routing.options import capacity_k, prior_width
 
 CFG = tiny("qwen2", hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64)
 

@@ -99,7 +99,7 @@ def _packed_batch(cfg) -> np.ndarray:
 
 def _place(cfg, state, mesh):
     """`state` moved onto `mesh` with the trainer's shardings (rules table; moments as params)."""
-    from jaxdyn.train import abstract_train_state
+    from jaxdyn.train.loop import abstract_train_state
 
     target = abstract_train_state(cfg, jax.random.key(0), mesh)
     leaves = [jax.device_put(x, t.sharding)
@@ -108,8 +108,8 @@ def _place(cfg, state, mesh):
 
 
 def _one_step(cfg, state, mesh, batch):
-    from jaxdyn.train import make_train_step
-    from jaxdyn.train_setup import accum_sharding
+    from jaxdyn.train.loop import make_train_step
+    from jaxdyn.train.setup import accum_sharding
 
     state = _place(cfg, state, mesh)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
@@ -127,8 +127,8 @@ def _one_step(cfg, state, mesh, batch):
                                   "configs/dtf.py:tiny"])
 def test_train_step_2x2x2_equals_one_device(spec):
     """Issue 7: data x fsdp x tensor = 2 x 2 x 2 gives one device's loss and update (fp32)."""
-    from jaxdyn import configlib
-    from jaxdyn.train import create_train_state
+    from jaxdyn.config import loader as configlib
+    from jaxdyn.train.loop import create_train_state
 
     cfg = configlib.finalize(configlib.load_config(spec, PARITY))
     batch = _packed_batch(cfg)

@@ -14,10 +14,10 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdyn.data import temporal_synth as ts
 from jaxdyn.model import build, tiny
-from jaxdyn.model import temporal as tm
-from jaxdyn.temporal import (
+from jaxdyn.temporal import adapters as tm
+from jaxdyn.temporal import synth as ts
+from jaxdyn.temporal.batching import (
     Shapes,
     TrainConfig,
     encode,
@@ -28,7 +28,7 @@ from jaxdyn.temporal import (
     make_optimizer,
     masked_mean_js,
 )
-from jaxdyn.temporal_tokenizer import tokenizer
+from jaxdyn.temporal.tokenizer import tokenizer
 
 CFG = tiny(vocab_size=tokenizer().vocab_size, hidden_size=32, head_dim=8,
            intermediate_size=64, max_position_embeddings=64)
@@ -74,9 +74,7 @@ def batch_of(recs, sh=SH, **kw):
 
 @functools.lru_cache(maxsize=4)
 def _fg_fn(tcfg):
-    model = tm.build(CFG, tcfg)
-    return jax.jit(lambda p, g: model.apply({"params": p}, None, g,
-                                            method=lambda m, t, gr: m.condition(t, gr)[1]))
+    return jax.jit(lambda p, g: tm.condition(p, CFG, tcfg, None, g)[1])
 
 
 def f_g(p, graph, tcfg=TCFG):
@@ -86,7 +84,8 @@ def f_g(p, graph, tcfg=TCFG):
 @functools.lru_cache(maxsize=2)
 def _logits_fn(tcfg):
     model = tm.build(CFG, tcfg)
-    return jax.jit(lambda p, tok, t, g: model.apply({"params": p}, tok, time=t, graph=g).logits)
+    return jax.jit(lambda p, tok, t, g: model.apply({"params": p}, tok,
+                                                     conditioning={"time": t, "graph": g}).logits)
 
 
 def logits(p, tokens, time=None, graph=None):
@@ -212,7 +211,7 @@ def two_record_batch(tcfg):
     arr, g = batch_of([record(), record("2012-05-05", "Mira", ("2010-01-01", "2015-06-01"))])
     dev = {k: arr[k] for k in ("tokens", "ans_pos", "ans_tok", "ans_mask", "tau", "regime")}
     model = tm.build(CFG, tcfg)
-    fwd = lambda q, tok, t, gr: model.apply({"params": q}, tok, time=t, graph=gr,
+    fwd = lambda q, tok, t, gr: model.apply({"params": q}, tok, conditioning={"time": t, "graph": gr},
                                             compute_logits=False)
     return dev, g, fwd
 
@@ -318,8 +317,8 @@ def test_generator_splits_loader_and_static_batches(synth_dir):
 
 
 def test_generate_with_time_and_graph(params, tmp_path, capsys):
-    from jaxdyn import generate as gen
-    from jaxdyn.temporal_generate import generate_conditioned, load_temporal, save_temporal
+    from jaxdyn.decode import generate as gen
+    from jaxdyn.temporal.generate import generate_conditioned, load_temporal, save_temporal
 
     _, p = params
     ckpt = str(tmp_path / "ckpt")

@@ -9,9 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdyn.data import temporal_synth as ts
 from jaxdyn.experiments import temporal as xp
-from jaxdyn.temporal import answer_text, prompt_text, tokenize
+from jaxdyn.temporal import synth as ts
+from jaxdyn.temporal.batching import answer_text, prompt_text, tokenize
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdyn import configlib
 from jaxdyn.checkpoint import Checkpointer, save_params
-from jaxdyn.metrics import read_metrics
+from jaxdyn.config import loader as configlib
 from jaxdyn.model import init_params, tiny
-from jaxdyn.train import CheckpointMismatchError, NonFiniteLossError, train_and_evaluate
+from jaxdyn.train.loop import CheckpointMismatchError, NonFiniteLossError, train_and_evaluate
+from jaxdyn.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--config.data.max_documents=60", "--config.train.batch_size=4",
@@ -77,7 +77,7 @@ def test_interrupted_save_falls_back_to_previous_checkpoint(tmp_path):
 
 def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
     w = str(tmp_path)
-    cmd = [sys.executable, "-m", "jaxdyn.train", "--config", "configs/standard.py:tiny",
+    cmd = [sys.executable, "-m", "jaxdyn.train.loop", "--config", "configs/standard.py:tiny",
            "--workdir", w, *FAST, "--config.train.steps=100000", "--config.log.every=1",
            "--config.checkpoint.every=100000", "--config.eval.every=100000"]
     env = {**os.environ, "XLA_FLAGS": ""}

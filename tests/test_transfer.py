@@ -16,7 +16,7 @@ from jaxdyn.model import (
     tiny,
     unstack_layers,
 )
-from jaxdyn.model.transfer import same_tree, tree_paths
+from jaxdyn.model.routing.transfer import same_tree, tree_paths
 
 SMALL = dict(hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
              vocab_size=128, num_layers=4)
@@ -184,7 +184,7 @@ def test_dtf_from_a_converted_hf_checkpoint_uses_every_pretrained_tensor(tmp_pat
     import torch
 
     import conversion
-    from jaxdyn.model.transfer import traverse_util
+    from jaxdyn.model.routing.transfer import traverse_util
 
     hf = _hf_model(model_type, str(tmp_path))
     dense_cfg, dense_p = conversion.from_hf(str(tmp_path))

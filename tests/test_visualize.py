@@ -6,14 +6,14 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdyn import configlib
-from jaxdyn import generate as gen
-from jaxdyn import visualize as vis
-from jaxdyn.metrics import read_metrics
+from jaxdyn.config import loader as configlib
+from jaxdyn.data.tokenizer import byte_tokenizer
+from jaxdyn.decode import generate as gen
 from jaxdyn.model import build, init_params, tiny
-from jaxdyn.model.routing_options import capacity_k
-from jaxdyn.tokenizer import byte_tokenizer
-from jaxdyn.train import train_and_evaluate
+from jaxdyn.model.routing.options import capacity_k
+from jaxdyn.train.loop import train_and_evaluate
+from jaxdyn.train.metrics import read_metrics
+from jaxdyn.viz import routing as vis
 
 SMALL = dict(hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
              vocab_size=258, num_layers=4)
@@ -110,7 +110,7 @@ def fast_compile():
 
 @pytest.mark.parametrize("spec", ["configs/mod.py:tiny", "configs/dtf.py:tiny"])
 def test_generate_and_visualize_clis_on_a_training_workdir(tmp_path, spec, capsys, fast_compile):
-    """`python -m jaxdyn.generate` and `python -m jaxdyn.visualize` on a routed workdir."""
+    """`python -m jaxdyn.generate` and `python -m jaxdyn.viz.routing` on a routed workdir."""
     workdir = str(tmp_path / "run")
     train_and_evaluate(configlib.load_config(spec, FAST), workdir)
     capsys.readouterr()

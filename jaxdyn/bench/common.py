@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxdyn import flops
+from jaxdyn.train import flops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +83,7 @@ def train_config(preset: Preset, exp: str = "standard", capacity: float | None =
     """A finalized trainer config (configs/<exp>.py) with the preset's shapes, no data."""
     import ml_collections as mlc
 
-    from jaxdyn import configlib
-
+    from jaxdyn.config import loader as configlib
     base = configlib.load_config(f"configs/{exp}.py:small")
     c = mlc.ConfigDict(base.to_dict())
     c.model.update({**preset.model, **model_overrides})

@@ -3,7 +3,7 @@ machine, in one run.
 
 forward: a [B, T] batch through the model, logits included (tokens/s over B·T).
 decode: batch-1 greedy KV-cached generation of `new_tokens` after a `prompt_len` prompt
-(jaxdyn.generate vs `transformers` `generate`; tokens/s over the decoded tokens, prefill
+(jaxdyn.decode.generate vs `transformers` `generate`; tokens/s over the decoded tokens, prefill
 excluded on both sides). Target: jaxdyn decode ≥ 2× transformers on CPU.
 """
 
@@ -25,7 +25,7 @@ def _row(**kw) -> dict:
 
 def run_forward(preset_name: str, ctx: dict) -> list[dict]:
     from jaxdyn.model import build, init_params
-    from jaxdyn.model.routing_flops import routed_flops_per_token
+    from jaxdyn.model.routing.flops import routed_flops_per_token
 
     p = common.get_preset(preset_name)
     cfg = common.model_config(p)
@@ -61,9 +61,9 @@ def run_forward(preset_name: str, ctx: dict) -> list[dict]:
 
 
 def run_decode(preset_name: str, ctx: dict) -> list[dict]:
-    from jaxdyn.generate import generate
+    from jaxdyn.decode.generate import generate
+    from jaxdyn.decode.sampling import SamplingConfig
     from jaxdyn.model import init_params
-    from jaxdyn.sampling import SamplingConfig
 
     p = common.get_preset(preset_name)
     cfg = common.model_config(p)
@@ -82,7 +82,7 @@ def run_decode(preset_name: str, ctx: dict) -> list[dict]:
               tokens_per_s=best.tokens_per_sec,
               step_ms=1e3 * best.decode_seconds / max(best.decode_steps, 1),
               prefill_ms=1e3 * best.prefill_seconds, peak_mem_bytes=common.peak_memory_bytes()[0],
-              notes="jaxdyn.generate greedy, jitted step, donated cache")
+              notes="jaxdyn.decode.generate greedy, jitted step, donated cache")
     rows = [jx]
     if p.torch and common.torch_available():
         import torch

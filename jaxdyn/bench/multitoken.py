@@ -55,14 +55,14 @@ def _decode_rate(res) -> float:
 def run(preset: str = "tiny", out_dir: str | None = None) -> list[dict]:
     import jax
 
-    from jaxdyn.cooccur import CooccurTables, build_tables
-    from jaxdyn.generate import generate
+    from jaxdyn.decode.generate import generate
+    from jaxdyn.decode.sampling import SamplingConfig
     from jaxdyn.model import tiny
-    from jaxdyn.model.heads import dense_params_of
-    from jaxdyn.mtp import builtin_docs, evaluate, train_tiny_mtp
-    from jaxdyn.mtp_decode import generate_multitoken, generate_verify
-    from jaxdyn.mtp_grid import DynamoOptions
-    from jaxdyn.sampling import SamplingConfig
+    from jaxdyn.multitoken.cooccur import CooccurTables, build_tables
+    from jaxdyn.multitoken.decode import generate_multitoken, generate_verify
+    from jaxdyn.multitoken.grid import DynamoOptions
+    from jaxdyn.multitoken.heads import dense_params_of
+    from jaxdyn.multitoken.objective import builtin_docs, evaluate, train_tiny_mtp
 
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -143,12 +143,12 @@ def mechanism(steps: int, V: int = 32) -> list[dict]:
     and the share of generated transitions the true chain allows, across ε_b."""
     import jax
 
-    from jaxdyn.cooccur import CooccurTables, build_tables
     from jaxdyn.model import tiny
-    from jaxdyn.model.heads import MultiTokenLM
-    from jaxdyn.mtp import markov_corpus, train_tiny_mtp
-    from jaxdyn.mtp_decode import generate_multitoken
-    from jaxdyn.mtp_grid import DynamoOptions, blur, otsu_threshold
+    from jaxdyn.multitoken.cooccur import CooccurTables, build_tables
+    from jaxdyn.multitoken.decode import generate_multitoken
+    from jaxdyn.multitoken.grid import DynamoOptions, blur, otsu_threshold
+    from jaxdyn.multitoken.heads import all_logits, multitoken_model
+    from jaxdyn.multitoken.objective import markov_corpus, train_tiny_mtp
 
     docs, trans = markov_corpus(V, n_docs=300, branching=3, order=1, seed=0)
     held = markov_corpus(V, n_docs=308, branching=3, order=1, seed=0)[0][300:]  # unseen docs
@@ -162,7 +162,7 @@ def mechanism(steps: int, V: int = 32) -> list[dict]:
         rho = tables.grid_ratio(np.stack([np.arange(V)] * 2))
         kl = {"product": [], "cooccur": [], "cooccur+thresholds": []}
         heads12 = jax.jit(lambda p, x: jax.nn.softmax(
-            MultiTokenLM(cfg, 3).apply({"params": p}, x).logits()[:2, 0], -1))
+            all_logits(multitoken_model(cfg, 3).apply({"params": p}, x))[:2, 0], -1))
         for d in held:
             x = np.asarray(d[:64])[None]
             probs = np.asarray(heads12(m.params, x), np.float64)  # [2, T, V]

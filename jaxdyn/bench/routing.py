@@ -20,7 +20,7 @@ CONFIG_FILE = {"dense": "standard", "mod": "mod", "dtf": "dtf"}
 
 def forward_time(cfg, params, repeats: int) -> float:
     """Best seconds of the jitted training-mode forward (top-k routing), hidden states only."""
-    from jaxdyn import configlib
+    from jaxdyn.config import loader as configlib
     from jaxdyn.model import build
 
     model = build(configlib.model_config(cfg))
@@ -31,8 +31,8 @@ def forward_time(cfg, params, repeats: int) -> float:
 
 
 def run(preset_name: str, ctx: dict) -> list[dict]:
-    from jaxdyn import configlib
-    from jaxdyn.model.routing_flops import routed_flops_per_token
+    from jaxdyn.config import loader as configlib
+    from jaxdyn.model.routing.flops import routed_flops_per_token
 
     p = common.get_preset(preset_name)
     tokens = p.batch * p.seq_len

@@ -1,7 +1,7 @@
 """Suite `train`: one optimizer step (forward, backward, AdamW with clipping) of jaxdyn's
 trainer step vs a transformers PyTorch AdamW step on the same config, batch and machine.
 
-jaxdyn runs `jaxdyn.train.make_train_step` jitted with the state donated, exactly as the
+jaxdyn runs `jaxdyn.train.loop.make_train_step` jitted with the state donated, exactly as the
 trainer does; the reference is `model(input_ids, labels=...)`, `loss.backward()`, global-norm
 clipping and `torch.optim.AdamW.step()`. MFU = model FLOPs (3× forward, spec §13) ÷ time ÷ the
 matmul peak measured in this run. Target: jaxdyn ≥ 1.2× the PyTorch tokens/s on CPU.
@@ -20,10 +20,12 @@ TRAIN_TARGET = 1.2
 
 def jaxdyn_step(cfg, ctx: dict, repeats: int, profile_dir: str | None = None) -> dict:
     """Time the trainer's step on `cfg`; returns the timing dict plus flops and memory."""
-    from jaxdyn import configlib, flops, sharding
+    from jaxdyn import sharding
+    from jaxdyn.config import loader as configlib
     from jaxdyn.model import init_params
-    from jaxdyn.train import create_train_state, make_train_step
-    from jaxdyn.train_setup import accum_sharding, make_mesh
+    from jaxdyn.train import flops
+    from jaxdyn.train.loop import create_train_state, make_train_step
+    from jaxdyn.train.setup import accum_sharding, make_mesh
 
     mesh = make_mesh(cfg)
     mcfg = configlib.model_config(cfg)
@@ -70,8 +72,7 @@ def torch_step(mcfg, batch: int, seq_len: int, repeats: int) -> dict:
 def run(preset_name: str, ctx: dict) -> list[dict]:
     p = common.get_preset(preset_name)
     cfg = common.train_config(p)
-    from jaxdyn import configlib
-
+    from jaxdyn.config import loader as configlib
     mcfg = configlib.model_config(cfg)
     tokens = cfg.train.batch_size * cfg.train.seq_len
     peak = ctx["peaks"].get("peak_flops_measured")

@@ -29,7 +29,7 @@ class PackedIterator:
     as new segments. The last row of an epoch is padded, so epochs never share a row.
 
     Labels are NOT shifted here: "tokens" are both inputs and targets; the loss shifts once
-    (`jaxdyn.loss.shifted_targets`) and drops targets that cross a segment boundary.
+    (`jaxdyn.model.loss.shifted_targets`) and drops targets that cross a segment boundary.
     """
 
     def __init__(self, token_docs: list[np.ndarray], *, seq_len: int, batch_size: int,

@@ -22,9 +22,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from jaxdyn import configlib, flops  # noqa: E402
-from jaxdyn.metrics import read_metrics  # noqa: E402
-from jaxdyn.train import train_and_evaluate  # noqa: E402
+from jaxdyn.config import loader as configlib
+from jaxdyn.train import flops  # noqa: E402
+from jaxdyn.train.loop import train_and_evaluate  # noqa: E402
+from jaxdyn.train.metrics import read_metrics  # noqa: E402
 
 RUNS = (("standard", "configs/standard.py"), ("mod", "configs/mod.py"),
         ("dtf", "configs/dtf.py"))

@@ -27,11 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdyn.data.temporal_synth import SPLITS, SynthConfig, generate, make_names, write
-from jaxdyn.experiments import temporal_eval as ev
 from jaxdyn.model import ModelConfig, build, init_params
-from jaxdyn.model import temporal as tm
-from jaxdyn.temporal import (
+from jaxdyn.temporal import adapters as tm
+from jaxdyn.temporal import scoring as ev
+from jaxdyn.temporal.batching import (
     Shapes,
     TrainConfig,
     answer_text,
@@ -42,7 +41,8 @@ from jaxdyn.temporal import (
     train_temporal,
     trainable_fraction,
 )
-from jaxdyn.temporal_generate import save_temporal
+from jaxdyn.temporal.generate import save_temporal
+from jaxdyn.temporal.synth import SPLITS, SynthConfig, generate, make_names, write
 
 RUNS = ("base", "full", "no_time2vec", "no_gnn", "no_reg", "all_pairs", "date_in_prompt",
         "token_conditioned", "mean_readout")
@@ -80,8 +80,7 @@ def temporal_config(block) -> tm.TemporalConfig:
 
 def from_config(cfg) -> Preset:
     """configs/temporal.py -> Preset (unknown run names fail here, before any work)."""
-    from jaxdyn import configlib
-
+    from jaxdyn.config import loader as configlib
     bad = [r for r in cfg.experiment.runs if r not in RUNS]
     if bad:
         raise ValueError(f"unknown experiment.runs {bad}; choose from {RUNS}")
@@ -101,8 +100,7 @@ def from_config(cfg) -> Preset:
 
 def load_preset(spec: str, overrides=()) -> Preset:
     """`configs/temporal.py:small` (or a bare preset name) with `--config.a.b=v` overrides."""
-    from jaxdyn import configlib
-
+    from jaxdyn.config import loader as configlib
     if ":" not in spec and not spec.endswith(".py"):
         spec = f"configs/temporal.py:{spec}"
     return from_config(configlib.load_config(spec, overrides))
@@ -192,7 +190,7 @@ def pretrain_backbone(cfg: ModelConfig, recs: list[dict], sh: Shapes, steps: int
 def adapter_forward(cfg, tcfg):
     """One forward per (cfg, tcfg), so the jitted evaluation functions are shared by runs."""
     model = tm.build(cfg, tcfg)
-    return lambda p, tok, t, g: model.apply({"params": p}, tok, time=t, graph=g,
+    return lambda p, tok, t, g: model.apply({"params": p}, tok, conditioning={"time": t, "graph": g},
                                             compute_logits=False)
 
 

@@ -11,15 +11,14 @@ import difflib
 import json
 from typing import Any
 
+from jaxdyn.config.errors import ConfigError
+from jaxdyn.model.routing.options import validate_routing
+
 FAMILIES = ("qwen2", "llama", "gpt_neox")
 ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 REMAT_POLICIES = ("none", "full", "dots", "minimal", "offload")
 ARCHS = ("dense", "mod", "dtf")
-
-
-class ConfigError(ValueError):
-    """A model config field is unknown or has a value jaxdyn does not support."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +54,7 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "auto"  # auto | xla | cudnn
-    # Conditional compute (see jaxdyn.model.routing); "dense" is the plain decoder.
+    # Conditional compute (see jaxdyn.model.routing.route); "dense" is the plain decoder.
     arch: str = "dense"
     routing: tuple[tuple[str, Any], ...] = ()  # routing options as sorted (key, value) pairs
 
@@ -98,8 +97,6 @@ class ModelConfig:
                 raise ConfigError(msg)
         if isinstance(self.routing, dict):  # accept a dict, store a hashable tuple
             object.__setattr__(self, "routing", tuple(sorted(self.routing.items())))
-        from jaxdyn.model.routing_options import validate_routing  # local: avoids a cycle
-
         validate_routing(self.arch, dict(self.routing),
                          self.num_layers if self.arch != "dense" else None)
 

@@ -1,0 +1,1 @@
+"""Experiment-config plumbing: locate, load, override and check `configs/<exp>.py` files."""

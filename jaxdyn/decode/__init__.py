@@ -1,0 +1,1 @@
+"""Plain KV-cached generation and token sampling, shared by every decoder."""

@@ -1,0 +1,3 @@
+from jaxdyn.evaluate.perplexity import main
+
+main()

@@ -1,0 +1,225 @@
+"""lm-evaluation-harness adapter: the `lm_eval` model "jaxdyn" for any jaxdyn checkpoint.
+
+    pip install -e ".[eval]"
+    python -m jaxdyn.evaluate.lm_eval --checkpoint runs/std --tasks arc_challenge,hellaswag
+    # or, in Python:
+    import lm_eval, jaxdyn.evaluate.lm_eval  # registers "jaxdyn"
+    lm_eval.simple_evaluate(model="jaxdyn", model_args="checkpoint=runs/std", tasks=[...])
+
+`JaxdynScorer` does the work and needs no lm_eval: `loglikelihood` scores continuations
+(tokenized like lm_eval's causal `TemplateLM`: whole string encoded, then split, trailing
+context spaces moved to the continuation; an empty context conditions on BOS, else EOS),
+`loglikelihood_rolling` scores whole texts in disjoint windows of `max_length` tokens (each
+window conditions on the token before it, lm_eval's `context_len=1`), `generate_until` decodes
+greedily (or samples) with `jaxdyn.decode.generate` and cuts at the stop strings. Scoring runs one
+jitted forward per right-padded batch; routed models (MoD, DTF) use their causal routers, as in
+generation, so no score sees future tokens. `JaxdynLM` wraps the scorer as an `lm_eval` LM.
+
+Dimension legend: B batch, T padded length, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdyn.model import ModelConfig, build
+
+
+@functools.lru_cache(maxsize=8)
+def _score_fn(cfg: ModelConfig):
+    """Jitted (tokens [B, T], targets [B, T]) -> (target log-prob, target is arg-max)."""
+    model = build(cfg, routing_mode="causal")
+
+    def fn(params, tokens_BT, targets_BT, valid_BT):
+        pos_BT = jnp.maximum(jnp.cumsum(valid_BT, axis=1) - 1, 0).astype(jnp.int32)
+        out = model.apply({"params": params}, tokens_BT, pos_BT, valid_BT.astype(jnp.int32))
+        logp_BTV = jax.nn.log_softmax(out.logits, axis=-1)
+        lp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], -1)[..., 0]
+        return lp_BT, jnp.argmax(out.logits, -1) == targets_BT
+
+    return jax.jit(fn)
+
+
+class JaxdynScorer:
+    """Log-likelihoods and generations of a jaxdyn checkpoint (workdir, import or HF folder),
+    or of an in-memory (cfg, params, tokenizer)."""
+
+    def __init__(self, checkpoint: str | None = None, *, cfg: ModelConfig | None = None,
+                 params=None, tokenizer=None, batch_size: int = 8, max_length: int | None = None,
+                 bucket: int = 32):
+        if checkpoint is not None:
+            from jaxdyn.decode.generate import load_for_inference
+
+            cfg, params, tokenizer = load_for_inference(checkpoint)
+        if cfg is None or params is None or tokenizer is None:
+            raise ValueError("give checkpoint=DIR, or cfg, params and tokenizer")
+        self.cfg, self.params, self.tok = cfg, params, tokenizer
+        self.batch_size, self.bucket = int(batch_size), int(bucket)
+        self.max_length = int(max_length or cfg.max_position_embeddings)
+        if self.max_length > cfg.max_position_embeddings:
+            raise ValueError(f"max_length={self.max_length} exceeds the model's context of "
+                             f"{cfg.max_position_embeddings}")
+
+    @property
+    def prefix_id(self) -> int:
+        """What an empty context conditions on: BOS when the tokenizer has one, else EOS."""
+        return self.tok.eos_id if self.tok.bos_id is None else self.tok.bos_id
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if not context:
+            return [self.prefix_id], self.tok.encode(continuation)
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        whole, ctx = self.tok.encode(context + continuation), self.tok.encode(context)
+        return ctx, whole[len(ctx):]
+
+    def score_tokens(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
+                     ) -> list[tuple[float, bool]]:
+        """(Σ log p(continuation | context), continuation is the greedy one) per pair; the
+        input is truncated from the left to `max_length` tokens."""
+        fn = _score_fn(self.cfg)
+        rows = []
+        for ctx, cont in pairs:
+            if not cont:
+                raise ValueError("empty continuation: nothing to score")
+            if not ctx:
+                raise ValueError("empty context: condition on at least one token (BOS/EOS)")
+            full = (list(ctx) + list(cont))[-(self.max_length + 1):]
+            rows.append((full[:-1], full[1:], len(cont)))
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths
+        out: list[tuple[float, bool] | None] = [None] * len(rows)
+        for lo in range(0, len(order), self.batch_size):
+            idx = order[lo:lo + self.batch_size]
+            T = -(-max(len(rows[i][0]) for i in idx) // self.bucket) * self.bucket
+            B = self.batch_size  # a fixed batch shape: one compile per length bucket
+            tokens, targets = np.zeros((B, T), np.int32), np.zeros((B, T), np.int32)
+            valid = np.zeros((B, T), bool)
+            for r, i in enumerate(idx):
+                inp, tgt, _ = rows[i]
+                tokens[r, :len(inp)], targets[r, :len(tgt)], valid[r, :len(inp)] = inp, tgt, True
+            lp, greedy = jax.device_get(fn(self.params, tokens, targets, valid))
+            for r, i in enumerate(idx):
+                n_in, n_cont = len(rows[i][0]), min(rows[i][2], len(rows[i][0]))
+                sl = slice(n_in - n_cont, n_in)
+                out[i] = (float(np.sum(lp[r, sl], dtype=np.float64)), bool(np.all(greedy[r, sl])))
+        return out
+
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        return self.score_tokens([self.encode_pair(c, x) for c, x in requests])
+
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+        """Total log-likelihood of each text (every token, the first given BOS/EOS)."""
+        pairs, owner = [], []
+        for k, text in enumerate(texts):
+            ids = self.tok.encode(text)
+            seq = [self.prefix_id] + ids
+            for s in range(0, len(ids), self.max_length):
+                pairs.append((seq[s:s + 1], ids[s:s + self.max_length]))
+                owner.append(k)
+        totals = [0.0] * len(texts)
+        for k, (lp, _) in zip(owner, self.score_tokens(pairs), strict=True):
+            totals[k] += lp
+        return totals
+
+    def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
+        """Continuations cut at the first stop string (`until`, default EOS only)."""
+        from jaxdyn.decode.generate import generate, truncate_at_stop
+        from jaxdyn.decode.sampling import SamplingConfig
+
+        outs = []
+        for context, kw in requests:
+            kw = dict(kw or {})
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kw.get("max_gen_toks", 256))
+            temp = float(kw.get("temperature", 0.0)) if kw.get("do_sample", False) else 0.0
+            ids = self.tok.encode(context) or [self.prefix_id]
+            ids = ids[-max(self.max_length - max_new, 1):]
+            res = generate(self.cfg, self.params, [ids], max_new,
+                           SamplingConfig(temperature=temp), seed=int(kw.get("seed", 0)),
+                           eos_id=self.tok.eos_id)
+            new = [t for t in res.tokens[0] if t != self.tok.eos_id]
+            outs.append(truncate_at_stop(self.tok.decode(new), until)[0])
+        return outs
+
+
+def _lm_class():
+    """Define and register `JaxdynLM` (needs lm_eval: `pip install -e ".[eval]"`)."""
+    try:
+        from lm_eval.api.model import LM
+        from lm_eval.api.registry import register_model
+    except ImportError as e:
+        raise ImportError('the lm_eval adapter needs lm-evaluation-harness: pip install -e '
+                          '".[eval]" (or pip install "lm-eval>=0.4")') from e
+
+    @register_model("jaxdyn")
+    class JaxdynLM(LM):
+        """`lm_eval --model jaxdyn --model_args checkpoint=DIR,batch_size=8,max_length=2048`."""
+
+        def __init__(self, checkpoint: str | None = None, batch_size: int | str = 8,
+                     max_length: int | str | None = None, scorer: JaxdynScorer | None = None,
+                     **_ignored):
+            super().__init__()
+            bs = 8 if str(batch_size).startswith("auto") else int(batch_size)
+            self.scorer = scorer or JaxdynScorer(
+                checkpoint, batch_size=bs, max_length=None if max_length is None
+                else int(max_length))
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return self.scorer.loglikelihood([r.args for r in requests])
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return self.scorer.loglikelihood_rolling([r.args[0] for r in requests])
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return self.scorer.generate_until([r.args for r in requests])
+
+    return JaxdynLM
+
+
+def __getattr__(name: str):  # `from jaxdyn.evaluate.lm_eval import JaxdynLM` registers it
+    if name == "JaxdynLM":
+        cls = _lm_class()
+        globals()["JaxdynLM"] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m jaxdyn.evaluate.lm_eval",
+                                 description="Run lm-evaluation-harness tasks on a checkpoint.")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--tasks", required=True, help="comma-separated lm_eval task names")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--max_length", type=int)
+    ap.add_argument("--num_fewshot", type=int)
+    ap.add_argument("--limit", type=float, help="examples per task (or fraction)")
+    ap.add_argument("--include_path", help="folder of extra task YAMLs")
+    ap.add_argument("--out", help="write the results JSON here")
+    args = ap.parse_args(argv)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    lm = __getattr__("JaxdynLM")(args.checkpoint, args.batch_size, args.max_length)
+    res = lm_eval.simple_evaluate(model=lm, tasks=args.tasks.split(","),
+                                  num_fewshot=args.num_fewshot, limit=args.limit,
+                                  task_manager=TaskManager(include_path=args.include_path),
+                                  log_samples=False)
+    text = json.dumps(res["results"], indent=1, default=str)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

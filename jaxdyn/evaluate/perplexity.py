@@ -1,0 +1,192 @@
+"""Perplexity and bits per byte of a checkpoint on a corpus: `python -m jaxdyn.evaluate`.
+
+    python -m jaxdyn.evaluate --checkpoint runs/std                  # built-in validation split
+    python -m jaxdyn.evaluate --checkpoint runs/mod --data notes.txt    # every document of a file
+    python -m jaxdyn.evaluate --checkpoint imports/qwen2.5-0.5b \
+        --data hub:wikitext:wikitext-2-raw-v1 --split validation --max_batches 50
+
+Documents come from `jaxdyn.data` sources and are tokenized and packed like training data
+(BOS/EOS, segment ids, positions restarting per document); the NLL is the trainer's chunked
+cross-entropy (`jaxdyn.model.loss`: one label shift, no target across a document boundary) summed
+over every target, so `ppl = exp(Σ nll / #targets)` exactly.
+
+`bits_per_byte = Σ nll / ln 2 / bytes`, where bytes = #targets × (UTF-8 bytes ÷ targets of the
+documents read): exact for the byte tokenizer, a tokens-per-byte estimate otherwise.
+Routed models (MoD, DTF) also report each routed unit's selected fraction (`router/layer_i/
+selected_frac`, token-weighted) under the chosen router (`--routing_mode`). Multi-token
+checkpoints report PPL_i per head and PPL_{1:n} (multitoken spec §6).
+
+Dimension legend: n heads, B batch, T length, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdyn.model import ModelConfig, build
+from jaxdyn.model.loss import chunked_cross_entropy, shifted_targets
+from jaxdyn.train.metrics import flatten_aux
+
+SPLITS = ("validation", "train", "all")
+
+
+@dataclasses.dataclass
+class Corpus:
+    batches: list[dict[str, np.ndarray]]
+    documents: int
+    bytes_per_target: float  # UTF-8 bytes ÷ targets over the documents read
+
+
+def load_corpus(tok, source: str = "builtin", split: str | None = None, *, seq_len: int = 512,
+                batch_size: int = 8, max_batches: int = 0, max_documents: int = 0,
+                text_field: str = "text", cache_dir: str = "") -> Corpus:
+    """Packed eval batches of a `jaxdyn.data` source. `split`: validation | train (the
+    trainer's hash split) | all; default validation for builtin, all for anything else."""
+    from jaxdyn.data import DataConfig, PackedIterator, load_documents, tokenize_documents
+
+    split = split or ("validation" if source == "builtin" else "all")
+    if split not in SPLITS:
+        raise ValueError(f"--split {split!r}: use one of {SPLITS}")
+    dc = DataConfig(source=source, text_field=text_field, max_documents=max_documents,
+                    cache_dir=cache_dir, val_fraction=0.0 if split == "all" else 0.02)
+    texts = load_documents(dc, "train" if split == "all" else split)
+    if not texts:
+        raise ValueError(f"data source {source!r} has no {split} documents")
+    docs = tokenize_documents(texts, tok, cache_dir)
+    it = PackedIterator(docs, seq_len=seq_len, batch_size=batch_size, seed=0, shuffle=False,
+                        pad_id=tok.pad_id)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_targets = sum(max(len(d) - 1, 0) for d in docs)
+    return Corpus(it.one_pass(max_batches), len(texts), n_bytes / max(n_targets, 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _sums_fn(cfg: ModelConfig, routing_mode: str, n_heads: int, head_depth: int, chunk: int):
+    """Jitted batch -> (nll sums [n], target counts [n], joint nll over V_n, aux)."""
+    if n_heads > 1:
+        from jaxdyn.multitoken.heads import all_hidden, multitoken_model
+
+        model = multitoken_model(cfg, n_heads, head_depth)
+    else:
+        model = build(cfg, routing_mode=routing_mode)
+
+    def fn(params, batch):
+        tokens, seg = batch["tokens"], batch["segment_ids"]
+        if n_heads > 1:
+            out = model.apply({"params": params}, tokens, batch["positions"], seg)
+            hidden = all_hidden(out)
+        else:
+            out = model.apply({"params": params}, tokens, batch["positions"], seg,
+                              compute_logits=False)
+            hidden = out.hidden[None]
+        _, mask_n = shifted_targets(tokens, seg, n_heads)
+        sums, counts, joint = [], [], jnp.zeros((), jnp.float32)
+        for i in range(1, n_heads + 1):
+            tgt, mask = shifted_targets(tokens, seg, i)
+            nll, m = chunked_cross_entropy(hidden[i - 1], out.unembed, tgt, mask, chunk)
+            sums.append(nll * m["tokens"])
+            counts.append(m["tokens"])
+            if n_heads > 1:
+                nll_n, m_n = chunked_cross_entropy(hidden[i - 1], out.unembed, tgt, mask_n, chunk)
+                joint = joint + nll_n * m_n["tokens"]
+        return jnp.stack(sums), jnp.stack(counts), joint, out.aux
+
+    return jax.jit(fn)
+
+
+def evaluate(cfg: ModelConfig, params, batches: Sequence[dict], *, routing_mode: str = "topk",
+             bytes_per_target: float | None = None, chunk: int = 1024) -> dict[str, float]:
+    """`nll` (mean nats per target), `ppl`, `tokens` (targets), `bits_per_byte`; routed:
+    `router/...` metrics weighted by targets; multi-token: `mtp/ppl_i`, `mtp/ppl_1:n`."""
+    from jaxdyn.multitoken.heads import heads_of
+
+    if not batches:
+        raise ValueError("no evaluation batches: the data source gave no documents")
+    n, depth = heads_of(params) if cfg.arch == "dense" else (1, 1)
+    fn = _sums_fn(cfg, routing_mode, n, depth, chunk)
+    sums, counts, joint, aux_acc, weight = np.zeros(n), np.zeros(n), 0.0, {}, 0.0
+    for b in batches:
+        s, c, j, aux = jax.device_get(fn(params, b))
+        sums, counts, joint = sums + s, counts + c, joint + float(j)
+        w = float(c[0])
+        for k, v in flatten_aux(aux).items():
+            aux_acc[k] = aux_acc.get(k, 0.0) + w * v
+        weight += w
+    nll = float(sums[0] / max(counts[0], 1))
+    out = {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "tokens": int(counts[0])}
+    if bytes_per_target:
+        out["bits_per_byte"] = nll / math.log(2) / bytes_per_target
+    out.update({k: v / max(weight, 1.0) for k, v in sorted(aux_acc.items())
+                if not k.startswith("router/loss_")})
+    if n > 1:
+        for i in range(n):
+            out[f"mtp/ppl_{i + 1}"] = math.exp(min(sums[i] / max(counts[i], 1), 700.0))
+        out[f"mtp/ppl_1:{n}"] = math.exp(min(joint / max(n * counts[-1], 1), 700.0))
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m jaxdyn.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True,
+                    help="training workdir, conversion output or Hugging Face folder")
+    ap.add_argument("--data", default="builtin",
+                    help="builtin | local .txt/.jsonl/.json/.parquet file, folder or glob | "
+                         "hub:NAME[:CONFIG]")
+    ap.add_argument("--split", choices=SPLITS,
+                    help="default: validation for builtin, all for other sources")
+    ap.add_argument("--text_field", default="text")
+    ap.add_argument("--max_documents", type=int, default=0, help="0 = all")
+    ap.add_argument("--seq_len", type=int, default=512)
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--max_batches", type=int, default=0, help="0 = one full pass")
+    ap.add_argument("--routing_mode", choices=("topk", "causal"), default="topk",
+                    help="routed models: top-k over the sequence (as in training) or the "
+                         "causal router (as in generation)")
+    ap.add_argument("--out", help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    from jaxdyn.data import DataConfigError, DataSourceNotFoundError, EmptyDatasetError
+    from jaxdyn.decode.generate import load_for_inference
+
+    try:
+        cfg, params, tok = load_for_inference(args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: cannot load --checkpoint {args.checkpoint!r}: {e}") from None
+    if args.seq_len > cfg.max_position_embeddings:
+        raise SystemExit(f"error: --seq_len {args.seq_len} exceeds the model's context of "
+                         f"{cfg.max_position_embeddings}; lower --seq_len")
+    try:
+        corpus = load_corpus(tok, args.data, args.split, seq_len=args.seq_len,
+                             batch_size=args.batch_size, max_batches=args.max_batches,
+                             max_documents=args.max_documents, text_field=args.text_field)
+    except (DataConfigError, DataSourceNotFoundError, EmptyDatasetError, ValueError) as e:
+        raise SystemExit(f"error: --data {args.data!r}: {e}") from None
+    res = evaluate(cfg, params, corpus.batches, routing_mode=args.routing_mode,
+                   bytes_per_target=corpus.bytes_per_target)
+    res = {"checkpoint": args.checkpoint, "data": args.data,
+           "split": args.split or ("validation" if args.data == "builtin" else "all"),
+           "documents": corpus.documents, "family": cfg.family, "arch": cfg.arch,
+           **({"routing_mode": args.routing_mode} if cfg.arch != "dense" else {}), **res}
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(f"[ppl {res['ppl']:.3f}, {res.get('bits_per_byte', float('nan')):.4f} bits/byte over "
+          f"{res['tokens']} targets]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

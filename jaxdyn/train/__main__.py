@@ -1,0 +1,3 @@
+from jaxdyn.train.loop import main
+
+main()

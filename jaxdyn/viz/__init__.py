@@ -1,0 +1,1 @@
+"""Pictures of a run: the metrics dashboard and the routing picture."""
