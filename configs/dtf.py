@@ -6,16 +6,19 @@
 
 Presets: `tiny`, `small` (from scratch, capacity 0.5), `c0.125` (12.5 % capacity, the MoD
 paper's setting) and `qwen2.5-0.5b` (transfer from an imported dense checkpoint, the thesis
-recipe: γ 0.5, PriorFFN f 0.0625, prior loss 0.05). Other fields: configs/standard.py.
+recipe: γ 0.5, PriorFFN f 0.0625, prior loss 0.05).
 """
 
-from configs.standard import base_config
+from configs.presets import base_config
 
 PRESETS = ("tiny", "small", "c0.125", "qwen2.5-0.5b")
 GATE_SCALARS = "/(beta_ce|beta_cu|o_ce|m_cu)$"
 
 
 def get_config(preset: str = "tiny"):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for configs/dtf.py; choose one of "
+                         f"{PRESETS}")
     c = base_config("small" if preset == "c0.125" else preset)
     c.preset = preset
     c.model.arch = "dtf"
@@ -23,13 +26,11 @@ def get_config(preset: str = "tiny"):
     c.model.routing.gate = "or"  # probabilistic OR of S_CE and S_CU ("ce": S_CE only)
     c.model.routing.prior_width_factor = 0.0625  # PriorFFN width ≈ D/16
     c.model.routing.prior_loss_weight = 0.05
-    if preset == "tiny":
-        c.model.num_layers = 4  # two (decision, dynamic) pairs
     # β, o_ce and m_cu are gate scalars: never decayed.
     c.train.no_decay = (*c.train.no_decay, GATE_SCALARS)
     if preset == "qwen2.5-0.5b":
-        # Thesis learning rates relative to the base 1e-5 (routing spec §6): PriorFFN and its
-        # norm 1e-3, gate scalars 1e-2, causal routers 1e-3.
+        # Thesis learning rates relative to the base 1e-5: PriorFFN and its norm 1e-3, gate
+        # scalars 1e-2, causal routers 1e-3.
         c.train.lr_groups = (("prior", 100.0), (GATE_SCALARS, 1000.0), ("predictor/", 100.0))
         c.train.clip_norm = 0.0
     return c

@@ -6,27 +6,26 @@
 
 Presets: `tiny`, `small` (from scratch, capacity 0.5), `c0.125` (the MoD paper's 12.5 % on the
 small shapes) and `qwen2.5-0.5b` (transfer from an imported dense checkpoint, thesis recipe).
-Every other field is documented in configs/standard.py.
 """
 
-from configs.standard import base_config
+from configs.presets import base_config
 
 PRESETS = ("tiny", "small", "c0.125", "qwen2.5-0.5b")
 
 
 def get_config(preset: str = "tiny"):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for configs/mod.py; choose one of "
+                         f"{PRESETS}")
     c = base_config("small" if preset == "c0.125" else preset)
     c.preset = preset
     c.model.arch = "mod"
     c.model.routing.capacity = 0.125 if preset == "c0.125" else 0.5  # γ, k = int(γ·T)
     c.model.routing.gate = "sigmoid"  # σ(r) scales routed updates ("raw" = the paper's r)
-    if preset == "tiny":
-        c.model.num_layers = 4  # two (dense, routed) superblocks
     # Router and causal predictor are new parameters: no weight decay on the router vector.
     c.train.no_decay = (*c.train.no_decay, "router/w")
     if preset == "qwen2.5-0.5b":
-        # Thesis learning rates relative to the base 1e-5 (routing spec §6): router 1e-5,
-        # causal predictors 1e-3.
+        # Thesis learning rates relative to the base 1e-5: router 1e-5, causal predictors 1e-3.
         c.train.lr_groups = (("router/w", 1.0), ("predictor/", 100.0))
         c.train.clip_norm = 0.0  # the thesis used no clipping
     return c

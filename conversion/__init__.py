@@ -3,7 +3,7 @@
 - `from_hf(path, *, dtype, mesh, scan_layers) -> (ModelConfig, params)`: streaming import.
 - `to_hf(cfg, params, out_dir, *, dtype, max_shard_size)`: sharded safetensors export.
 - CLI: `python -m conversion import HF_DIR OUT_DIR` / `python -m conversion export CKPT OUT`.
-See `shared/spec/conversion.md` for the mapping tables and the checks.
+See docs/conversion.md for the mapping tables and the checks.
 """
 
 from conversion.errors import (

@@ -11,9 +11,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from collections.abc import Sequence
+
+from flax import traverse_util
+
+from conversion import hf_config, model_card
+from conversion.errors import ConversionError
+from conversion.hf_export import staging, write_hf
+from conversion.hf_import import from_hf
+from jaxdyn.checkpoint import load_model, save_params
+from jaxdyn.model import param_count
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
@@ -33,10 +43,6 @@ def copy_side_files(src: str, dst: str, names: Sequence[str]) -> list[str]:
 
 def import_hf(hf_dir: str, out_dir: str, dtype: str = "float32", scan_layers: bool = True):
     """Convert `hf_dir` into a jaxdyn import folder; returns the ImportReport."""
-    from conversion.hf_export import staging
-    from conversion.hf_import import from_hf
-    from jaxdyn.checkpoint import save_params
-
     cfg, params, report = from_hf(hf_dir, dtype=dtype, scan_layers=scan_layers,
                                   return_report=True)
     with staging(out_dir) as tmp:
@@ -51,11 +57,6 @@ def import_hf(hf_dir: str, out_dir: str, dtype: str = "float32", scan_layers: bo
 def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
               max_shard_size: str = "5GB"):
     """Export an import folder or a training workdir to a Hugging Face folder + model card."""
-    from conversion import hf_config, model_card
-    from conversion.hf_export import staging, write_hf
-    from jaxdyn.checkpoint import load_model
-    from jaxdyn.model import param_count
-
     cfg, params, tok_dir = load_model(ckpt_dir)
     extra = None
     if os.path.exists(os.path.join(ckpt_dir, HF_CONFIG)):
@@ -82,10 +83,6 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
 
 def _dropped_count(params, dropped: list[str]) -> int:
     """Parameters in the dropped kinds (layer indices folded into `layers/…`)."""
-    import re
-
-    from flax import traverse_util
-
     flat = traverse_util.flatten_dict(params, sep="/")
     return sum(int(v.size) for k, v in flat.items()
                if re.sub(r"layers_\d+/", "layers/", k) in dropped)
@@ -108,8 +105,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                      help="tensor dtype (default: the imported model's, else the params')")
     exp.add_argument("--max_shard_size", default="5GB")
     args = ap.parse_args(argv)
-    from conversion.errors import ConversionError
-
     try:
         if args.cmd == "import":
             rep = import_hf(args.hf_dir, args.out_dir, args.dtype, not args.unrolled)

@@ -1,4 +1,4 @@
-"""`config.json` ⇄ `jaxdyn.model.ModelConfig` (conversion spec §3).
+"""`config.json` ⇄ `jaxdyn.model.ModelConfig` (docs/conversion.md).
 
 Both transformers spellings are read: v5 keeps RoPE settings in `rope_parameters`, v4 in
 `rope_theta` / `rope_scaling` / `rotary_pct` / `rotary_emb_base`. Export writes both, with equal

@@ -1,4 +1,4 @@
-"""jaxdyn → Hugging Face export (conversion spec §6): sharded safetensors, index, config.json.
+"""jaxdyn → Hugging Face export (docs/conversion.md): sharded safetensors, index, config.json.
 
 The tables of `conversion.mapping` are inverted exactly, so an imported model exports to the
 same bytes. Tensors are produced one shard at a time (device → host per layer slice), and the

@@ -1,4 +1,4 @@
-"""Streaming Hugging Face → jaxdyn import (conversion spec §5).
+"""Streaming Hugging Face → jaxdyn import (docs/conversion.md).
 
 Every check that needs only headers (family, missing/stray tensors, shapes) runs before any
 tensor data is read. Then tensors are read one at a time, transformed, cast and written into a
@@ -14,6 +14,7 @@ import ctypes
 import dataclasses
 import logging
 
+import flax.linen as nn
 import jax
 import numpy as np
 from flax import traverse_util
@@ -26,6 +27,7 @@ from conversion.errors import (
     UnconsumedTensorError,
 )
 from conversion.reader import CheckpointReader
+from jaxdyn import sharding
 from jaxdyn.model import ModelConfig, abstract_params
 
 log = logging.getLogger("conversion")
@@ -87,12 +89,8 @@ def _targets(cfg: ModelConfig, mesh) -> tuple[dict, dict]:
     abstract = abstract_params(cfg)
     shardings = {}
     if mesh is not None:
-        from jaxdyn import sharding
-
         shardings = traverse_util.flatten_dict(sharding.logical_to_sharding(abstract, mesh),
                                                sep="/")
-    import flax.linen as nn
-
     flat = traverse_util.flatten_dict(nn.unbox(abstract), sep="/")
     return {k: (v.shape, v.dtype) for k, v in flat.items()}, shardings
 

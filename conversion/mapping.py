@@ -1,4 +1,4 @@
-"""Per-family tensor tables, HF name ⇄ jaxdyn path, both directions (conversion spec §2).
+"""Per-family tensor tables, HF name ⇄ jaxdyn path, both directions (docs/conversion.md).
 
 One table per family. A `Rule` maps one Hugging Face tensor to one or more jaxdyn parameters
 (NeoX's fused `query_key_value` feeds q, k and v) with an import transform and its exact

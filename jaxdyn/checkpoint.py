@@ -1,4 +1,4 @@
-"""All orbax-checkpoint code lives here (JAX practices spec §7).
+"""All orbax-checkpoint code lives here (docs/training.md).
 
 - `save_params` / `load_params` / `params_shapes`: parameter-only checkpoints (conversion output,
   exports) and their shapes without reading any array.
@@ -18,7 +18,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxdyn.data.tokenizer import load_tokenizer
 from jaxdyn.model import ModelConfig
+from jaxdyn.model.lora import merge_lora
 
 STATE, DATA, META = "state", "data", "meta"
 
@@ -164,8 +166,6 @@ def load_model(path: str, target: Any | None = None) -> tuple[ModelConfig, Any, 
     """(cfg, params, tokenizer_dir) from a `conversion import` folder (`model_config.json` +
     `params/`) or a training workdir (its latest checkpoint; LoRA factors merged in).
     `target`: sharded ShapeDtypeStructs (see `load_params`) to read params shard by shard."""
-    from jaxdyn.train.optim import merge_lora
-
     path = os.path.abspath(path)
     cfg_path = os.path.join(path, "model_config.json")
     if not os.path.exists(cfg_path):
@@ -185,3 +185,16 @@ def load_model(path: str, target: Any | None = None) -> tuple[ModelConfig, Any, 
         params = merge_lora(params, lora, meta["lora_alpha"], meta["lora_rank"])
     tok_dir = os.path.join(path, "tokenizer")
     return cfg, params, tok_dir if os.path.isdir(tok_dir) else path
+
+
+def load_for_inference(path: str) -> tuple[ModelConfig, Any, Any]:
+    """(cfg, params, tokenizer) of an import folder or a training workdir. Hugging Face
+    folders are converted by the command lines (`jaxdyn.cli`), or once with
+    `python -m conversion import HF_DIR OUT_DIR`."""
+    if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(
+            os.path.join(path, "model_config.json")):
+        raise FileNotFoundError(f"{path!r} looks like a Hugging Face folder; convert it with "
+                                "`python -m conversion import HF_DIR OUT_DIR` (the jaxdyn "
+                                "commands do this on the fly)")
+    cfg, params, tok_dir = load_model(path)
+    return cfg, params, load_tokenizer(tok_dir)

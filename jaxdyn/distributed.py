@@ -1,4 +1,4 @@
-"""Multi-process initialisation (JAX practices spec §9), called before any JAX computation.
+"""Multi-process initialisation (docs/scale-out.md), called before any JAX computation.
 
 Sources, first hit wins:
 1. explicit arguments (from flags);

@@ -1,6 +1,6 @@
-"""`python -m jaxdyn.generate`: the generation command (see `jaxdyn.decode`)."""
+"""`python -m jaxdyn.generate`: the generation command (jaxdyn/cli/generate.py)."""
 
-from jaxdyn.decode.generate import main
+from jaxdyn.cli.generate import main
 
 if __name__ == "__main__":
     main()

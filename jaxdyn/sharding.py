@@ -1,4 +1,4 @@
-"""The one place that maps logical axis names to mesh axes (JAX practices spec §1-§2).
+"""The one place that maps logical axis names to mesh axes (docs/scale-out.md-§2).
 
 Layers only name logical axes (`embed`, `heads`, ...); this module turns them into
 `NamedSharding`s for a `("data", "fsdp", "tensor")` mesh. Axes are `AxisType.Auto` on purpose:
@@ -119,12 +119,6 @@ def logical_to_sharding(boxed_tree: Any, mesh: Mesh) -> Any:
                           is_leaf=lambda b: isinstance(b, nn.Partitioned))
     return jax.tree.map(lambda s, x: NamedSharding(mesh, fit_spec(x.shape, s, mesh)),
                         mesh_specs, shapes, is_leaf=lambda s: isinstance(s, P))
-
-
-def param_shardings(cfg, mesh: Mesh) -> Any:
-    """Shardings of a model's parameters, derived from their logical axes without allocating."""
-    from jaxdyn.model import abstract_params  # local import: sharding must not pull the model
-    return logical_to_sharding(abstract_params(cfg), mesh)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -15,7 +15,7 @@ pids=()
 for i in "${!hosts[@]}"; do
   ssh "${hosts[$i]}" "cd $REPO_DIR && source launch/gpu_env.sh && \
     JAXDYN_COORDINATOR=${hosts[0]}:$PORT JAXDYN_NUM_PROCESSES=${#hosts[@]} JAXDYN_PROCESS_ID=$i \
-    ${PYTHON:-.venv/bin/python} -m ${JAXDYN_MODULE:-jaxdyn.train.loop}$args" 2>&1 | sed -u "s/^/[${hosts[$i]}] /" &
+    ${PYTHON:-.venv/bin/python} -m ${JAXDYN_MODULE:-jaxdyn.train}$args" 2>&1 | sed -u "s/^/[${hosts[$i]}] /" &
   pids+=($!)
 done
 rc=0

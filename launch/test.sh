@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Create .venv (Python >= 3.10), install jaxdyn with its test extras, run the whole suite.
+# Create .venv (Python >= 3.11: the pinned jax/flax/orbax/transformers wheels need it), install
+# jaxdyn with its test extras, run the whole suite.
 # Extra arguments go to pytest, e.g. `bash launch/test.sh tests/test_parity.py -k llama`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-$(command -v python3.11 || command -v python3.12 || command -v python3.10 || command -v python3)}"
+PY="${PYTHON:-$(command -v python3.11 || command -v python3.12 || command -v python3.13 || command -v python3)}"
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "jaxdyn needs Python >= 3.11 (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

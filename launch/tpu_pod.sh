@@ -10,4 +10,4 @@ set -euo pipefail
 REPO_DIR=${REPO_DIR:-'~/jaxdyn'}
 args=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" ${PROJECT:+--project "$PROJECT"} --worker=all \
-  --command "cd $REPO_DIR && JAXDYN_DISTRIBUTED=auto .venv/bin/python -m ${JAXDYN_MODULE:-jaxdyn.train.loop}$args"
+  --command "cd $REPO_DIR && JAXDYN_DISTRIBUTED=auto .venv/bin/python -m ${JAXDYN_MODULE:-jaxdyn.train}$args"

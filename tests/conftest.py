@@ -28,15 +28,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-# Multi-minute tests (subprocess trainings, 8-device parity) start first, so that neither xdist
-# worker is left running one of them alone at the end of the suite.
-HEAVY_FIRST = ("test_distributed.py::test_local_sh", "test_colab.py::test_notebook_executes",
-               "test_bench.py::test_cli", "test_sharding.py::test_train_step_2x2x2",
-               "test_visualize.py::test_generate_and_visualize_clis",
-               "test_temporal_experiment.py::test_tiny_experiment_end_to_end")
+# Multi-minute tests (marked `slow`: subprocess trainings, 8-device parity) start first, so
+# that neither xdist worker is left running one of them alone at the end of the suite.
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = lambda item: next((i for i, h in enumerate(HEAVY_FIRST) if h in item.nodeid),
-                             len(HEAVY_FIRST))
-    items.sort(key=rank)  # stable: the collection order within each rank
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable sort

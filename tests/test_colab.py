@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "launch" / "colab.ipynb"
 
@@ -40,10 +42,11 @@ def test_notebook_structure():
         assert not any(line.lstrip().startswith(("%", "!")) for line in c.splitlines())
 
 
+@pytest.mark.slow
 def test_notebook_executes_headlessly(tmp_path):
     work = tmp_path / "run"
     # A smoke run of the cells (nothing compared to a reference): most XLA optimisations off
-    # (JAX practices §10), which cuts the compile-bound run by about half.
+    # (docs/testing.md), which cuts the compile-bound run by about half.
     env = {**os.environ, "JAXDYN_NOTEBOOK_TEST": "1", "JAXDYN_NOTEBOOK_WORKDIR": str(work),
            "MPLBACKEND": "Agg", "XLA_FLAGS": "", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1",
            "JAXDYN_NOTEBOOK_OVERRIDES": " ".join([

@@ -56,14 +56,13 @@ def _reference_losses(steps: int) -> list[float]:
     import numpy as np
 
     from jaxdyn import sharding
-    from jaxdyn.config import loader as configlib
     from jaxdyn.data import DataConfig, make_train_iterator
     from jaxdyn.data.tokenizer import make_tokenizer
-    from jaxdyn.train.loop import create_train_state, make_train_step
+    from jaxdyn.train import create_train_state, make_train_step, schema
 
-    cfg = configlib.load_config(TRAIN[1], [*TRAIN[2:], "--config.train.steps=3"])
+    cfg = schema.load(TRAIN[1], [*TRAIN[2:], "--config.train.steps=3"])
     tok = make_tokenizer("byte", directory="")
-    cfg = configlib.finalize(cfg, vocab_size=tok.vocab_size)
+    cfg = schema.finalize(cfg, vocab_size=tok.vocab_size)
     its = [make_train_iterator(DataConfig(**{**cfg.data.to_dict(), "cache_dir": ""}), tok,
                                seq_len=32, batch_size=2, seed=cfg.train.seed, process_index=i,
                                process_count=2) for i in range(2)]
@@ -80,6 +79,7 @@ def _reference_losses(steps: int) -> list[float]:
     return losses
 
 
+@pytest.mark.slow
 def test_local_sh_trains_on_two_processes_then_resumes_on_one(tmp_path):
     """`launch/local.sh 2`: 2 processes x 2 devices, a hybrid mesh (data across processes via
     dcn_data=2, fsdp=2 inside each); loss = one process on the same global batch; the
@@ -102,10 +102,10 @@ def test_local_sh_trains_on_two_processes_then_resumes_on_one(tmp_path):
     np.testing.assert_allclose([r["train/loss"] for r in rows], ref, rtol=0, atol=1e-5)
 
     # The resume is a smoke run (nothing compared to a reference), so it compiles with most XLA
-    # optimisations off (JAX practices §10) and skips the closing sample (the 2-process run
+    # optimisations off (docs/testing.md) and skips the closing sample (the 2-process run
     # above already drew one as a collective).
     env1 = {**env, "JAXDYN_CPU_DEVICES": "2", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
-    out = subprocess.run([sys.executable, "-m", "jaxdyn.train.loop", *TRAIN,
+    out = subprocess.run([sys.executable, "-m", "jaxdyn.train", *TRAIN,
                           "--config.sample.max_new_tokens=0", "--config.train.steps=5",
                           "--workdir", work], env=env1, cwd=ROOT,
                          capture_output=True, text=True, timeout=900)

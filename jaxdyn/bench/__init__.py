@@ -13,14 +13,18 @@ Suites (each a function `(preset, ctx) -> rows`, registered in `SUITES`):
 | conversion | `conversion.from_hf` peak RSS | checkpoint bytes |
 
 `run_suites(names, preset)` returns `(rows, meta)`; `jaxdyn.bench.common.write_results`
-writes JSON and the Markdown table.
+writes JSON and the Markdown table. Presets (model shape and workload) come from
+configs/bench.py; the command line is jaxdyn/cli/bench.py.
 """
 
 from __future__ import annotations
 
 import importlib
 import time
+import traceback
 from collections.abc import Callable
+
+from jaxdyn.bench import common
 
 SuiteFn = Callable[[str, dict], list[dict]]
 SUITES: dict[str, SuiteFn] = {}
@@ -34,7 +38,8 @@ def register(name: str):
 
 
 def _lazy(module: str, fn: str) -> SuiteFn:
-    """A suite whose module is imported only when it runs (torch, subprocesses, ...)."""
+    """A suite whose module is imported when the suite runs, so the CLI's subprocess workers
+    (scaling, conversion) do not load every other suite before they measure memory."""
     def suite(preset, ctx):
         return getattr(importlib.import_module(f"jaxdyn.bench.{module}"), fn)(preset, ctx)
     return suite
@@ -42,40 +47,11 @@ def _lazy(module: str, fn: str) -> SuiteFn:
 
 for _name, _module, _fn in (("forward", "forward", "run_forward"),
                             ("decode", "forward", "run_decode"),
-                            ("train", "train", "run"), ("routing", "routing", "run")):
+                            ("train", "train", "run"), ("routing", "routing", "run"),
+                            ("multitoken", "multitoken", "suite"),
+                            ("scaling", "scaling", "run"),
+                            ("conversion", "conversion", "run")):
     register(_name)(_lazy(_module, _fn))
-
-
-@register("multitoken")
-def _multitoken(preset, ctx):
-    """jaxdyn/bench/multitoken.py (its own presets: bench `tiny` -> `smoke`, else `tiny`)."""
-    from jaxdyn.bench import multitoken
-
-    own = "smoke" if preset == "tiny" else "tiny"
-    rows = []
-    for r in multitoken.run(own, ctx.get("multitoken_dir")):
-        name = r.get("mode", "?")
-        if "eps_b" in r:
-            name += f" eps={r['eps_b']} top_k={r.get('top_k')}"
-        rows.append({"suite": "multitoken", "name": name, "impl": "jaxdyn",
-                     "tokens_per_s": r.get("tokens_per_sec"), "ratio": r.get("speedup"),
-                     "ref": "single-token" if "speedup" in r else None,
-                     "notes": f"multitoken preset {own}; tokens/forward "
-                              f"{r.get('tokens_per_forward')}",
-                     **{k: v for k, v in r.items() if k not in ("tokens_per_sec", "speedup")}})
-    return rows
-
-
-@register("scaling")
-def _scaling(preset, ctx):
-    from jaxdyn.bench.scaling import DEVICE_COUNTS, run
-    return run(preset, ctx, ctx.get("device_counts") or DEVICE_COUNTS)
-
-
-@register("conversion")
-def _conversion(preset, ctx):
-    from jaxdyn.bench.conversion import run
-    return run(preset, ctx)
 
 
 ORDER = ("forward", "decode", "train", "routing", "multitoken", "scaling", "conversion")
@@ -86,10 +62,6 @@ def run_suites(names: list[str], preset: str, profile: str | None = None,
     """Run `names` ("all" = every suite) on `preset`; (rows, meta). A failing suite yields
     one row naming the error, so the others still report. `options` reach the suites:
     `device_counts` (scaling), `routing_variants` ((arch, capacity) pairs), `multitoken_dir`."""
-    import traceback
-
-    from jaxdyn.bench import common
-
     if "all" in names:
         names = list(ORDER)
     unknown = [n for n in names if n not in SUITES]

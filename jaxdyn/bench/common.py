@@ -1,4 +1,5 @@
-"""Shared bench machinery: presets, timing, peaks, memory, configs and the JSON/Markdown writer.
+"""Shared bench machinery: presets (read from configs/bench.py), timing, peaks, memory, configs
+and the JSON/Markdown writer.
 
 Every suite returns a list of *rows* (flat dicts). The fields every row may carry:
 `suite`, `name`, `impl` (jaxdyn | torch | ...), `tokens_per_s`, `step_ms`, `mfu`,
@@ -20,15 +21,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 
-from jaxdyn.train import flops
+from jaxdyn.config import loader as configlib
+from jaxdyn.model import ModelConfig
+from jaxdyn.train import flops, schema
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """Model shapes (ModelConfig fields) and workload sizes of one bench preset."""
+    """One bench preset in memory: model shape (ModelConfig fields) and workload sizes."""
 
     model: dict[str, Any]
     batch: int  # training / forward rows
@@ -39,54 +44,50 @@ class Preset:
     torch: bool = True  # run the transformers PyTorch reference
 
 
-_QWEN = dict(family="qwen2", qkv_bias=True, tie_embeddings=True, rope_theta=1e6,
-             max_position_embeddings=32768, dtype="bfloat16", remat_policy="minimal",
-             norm_eps=1e-6)
-PRESETS: dict[str, Preset] = {
-    # CI: the whole `--suite all` in a few minutes on 2 cores; numbers are not meaningful.
-    "tiny": Preset(dict(family="qwen2", vocab_size=512, hidden_size=64, num_layers=2,
-                        num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
-                        max_position_embeddings=512),
-                   batch=2, seq_len=64, prompt_len=8, new_tokens=16, repeats=2),
-    # The preset the CPU targets refer to.
-    "small": Preset(dict(family="qwen2", vocab_size=8192, hidden_size=384, num_layers=8,
-                         num_heads=6, num_kv_heads=2, head_dim=64, intermediate_size=1024,
-                         max_position_embeddings=2048),
-                    batch=8, seq_len=256, prompt_len=32, new_tokens=64, repeats=3),
-    # Qwen2.5 shapes (random weights, bf16 compute, fp32 master weights): for accelerators.
-    "qwen2.5-0.5b": Preset(dict(_QWEN, vocab_size=151936, hidden_size=896, num_layers=24,
-                                num_heads=14, num_kv_heads=2, head_dim=64,
-                                intermediate_size=4864),
-                           batch=8, seq_len=2048, prompt_len=128, new_tokens=128, repeats=5),
-    "qwen2.5-1.5b": Preset(dict(_QWEN, vocab_size=151936, hidden_size=1536, num_layers=28,
-                                num_heads=12, num_kv_heads=2, head_dim=128,
-                                intermediate_size=8960),
-                           batch=4, seq_len=2048, prompt_len=128, new_tokens=128, repeats=5),
-}
+CONFIG_FILE = "configs/bench.py"  # the presets (configs/presets.py entries with a bench block)
+# Model fields an experiment config (configs/mod.py, dtf.py) sets itself; every other model
+# field of a preset replaces the experiment's.
+EXPERIMENT_FIELDS = ("arch", "routing")
+# Presets read so far, by name. `override` replaces an entry (`--repeats`); tests may put a
+# synthetic preset here.
+LOADED: dict[str, Preset] = {}
+
+
+def load_preset(name: str) -> Preset:
+    """`configs/bench.py:<name>` as a Preset (its `model` block and its `bench` block)."""
+    cfg = configlib.load_config(f"{CONFIG_FILE}:{name}")
+    return Preset(model=cfg.model.to_dict(), **cfg.bench.to_dict())
 
 
 def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[name]
+    """The preset `name` (read from configs/bench.py once per process); an unknown name raises
+    ValueError listing the known ones."""
+    if name not in LOADED:
+        if not name:
+            raise ValueError("unknown preset ''; name one of configs/bench.py")
+        LOADED[name] = load_preset(name)
+    return LOADED[name]
 
 
-def model_config(preset: Preset, **overrides):
-    from jaxdyn.model import ModelConfig
+def override(name: str, **fields: Any) -> Preset:
+    """Replace workload fields of preset `name` for the rest of this process (e.g. repeats)."""
+    LOADED[name] = dataclasses.replace(get_preset(name), **fields)
+    return LOADED[name]
 
-    return ModelConfig(**{**preset.model, **overrides})
+
+def model_config(preset: Preset, **overrides) -> ModelConfig:
+    return ModelConfig.from_dict({**preset.model, **overrides})
 
 
 def train_config(preset: Preset, exp: str = "standard", capacity: float | None = None,
                  mesh: tuple[int, int, int] = (1, 1, 1), batch: int | None = None,
-                 **model_overrides):
-    """A finalized trainer config (configs/<exp>.py) with the preset's shapes, no data."""
-    import ml_collections as mlc
-
-    from jaxdyn.config import loader as configlib
-    base = configlib.load_config(f"configs/{exp}.py:small")
+                 **model_overrides) -> mlc.ConfigDict:
+    """A finalized trainer config (configs/<exp>.py:small, which picks `arch` and `routing`)
+    with the preset's other model fields and its workload sizes; byte tokenizer, no data."""
+    base = schema.load(f"configs/{exp}.py:small")
     c = mlc.ConfigDict(base.to_dict())
-    c.model.update({**preset.model, **model_overrides})
+    shape = {k: v for k, v in preset.model.items() if k not in EXPERIMENT_FIELDS}
+    c.model.update({**shape, **model_overrides})
     if capacity is not None:
         c.model.routing.capacity = capacity
     c.train.batch_size = batch or preset.batch
@@ -96,7 +97,7 @@ def train_config(preset: Preset, exp: str = "standard", capacity: float | None =
     c.train.warmup_steps = 10
     c.tokenizer.kind = "byte"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
-    return configlib.finalize(c)
+    return schema.finalize(c)
 
 
 def random_batch(cfg, rng_seed: int = 0) -> dict[str, jax.Array]:
@@ -198,8 +199,6 @@ def ratio_row(row: dict, ref: dict, ref_name: str, key: str = "tokens_per_s") ->
 def torch_ratio_target(row: dict, ref: dict, target: float) -> dict:
     """`ratio_row` against the PyTorch reference, plus a `>= target x` CPU throughput target
     (the CPU targets of the issues; other backends report the ratio without a verdict)."""
-    import jax
-
     ratio_row(row, ref, "torch")
     row["target"] = f">= {target}x torch (CPU)"
     if jax.default_backend() == "cpu" and row["ratio"] is not None:
@@ -292,8 +291,6 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def environment() -> dict[str, Any]:
-    import flax
-
     env = {"python": platform.python_version(), "jax": jax.__version__,
            "flax": flax.__version__, "backend": jax.default_backend(),
            "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(),

@@ -4,21 +4,28 @@ A random Qwen2-shaped fp32 checkpoint (`config.json` + `model.safetensors`, HF t
 is written to a temporary folder; a fresh subprocess imports jax and `conversion`, records its
 resident set size (the baseline), calls `conversion.from_hf(path)` and reports its peak RSS.
 Target: peak RSS of the import (peak − baseline) ≤ 1.5 × checkpoint bytes; the raw peak is
-reported beside it.
+reported beside it. The subprocess is the bench CLI's hidden worker mode
+(jaxdyn/cli/bench.py), which calls `child`:
 
-    python -m jaxdyn.bench.conversion --child DIR   # one import, JSON on stdout
+    python -m jaxdyn.bench --worker conversion --child DIR   # one import, JSON line on stdout
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 
+import jax
+import numpy as np
+import psutil
+from safetensors.numpy import save_file
+
+import conversion
 from jaxdyn.bench import common
+from jaxdyn.model import ModelConfig
 
 CONVERSION_TARGET = 1.5
 MARK = "CONVERSION_RESULT "
@@ -31,7 +38,7 @@ TINY_SHAPES = dict(SHAPES, vocab_size=1024, hidden_size=64, num_layers=2, num_he
 
 
 def hf_tensor_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    """HF names and [out, in] shapes of a Qwen2 checkpoint (conversion spec §2)."""
+    """HF names and [out, in] shapes of a Qwen2 checkpoint (docs/conversion.md)."""
     D, N, K, Hd, F, V = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                          cfg.intermediate_size, cfg.vocab_size)
     out = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
@@ -52,11 +59,6 @@ def hf_tensor_shapes(cfg) -> dict[str, tuple[int, ...]]:
 
 def write_checkpoint(folder: str, shapes: dict) -> int:
     """Write config.json + model.safetensors (fp32 random); returns the tensor bytes."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    from jaxdyn.model import ModelConfig
-
     cfg = ModelConfig(**shapes)
     hf = common.hf_config(cfg)
     hf.dtype = "float32"
@@ -70,11 +72,6 @@ def write_checkpoint(folder: str, shapes: dict) -> int:
 
 def child(folder: str) -> dict:
     """Import `folder` in this (fresh) process and report RSS figures."""
-    import jax
-    import psutil
-
-    import conversion
-
     base = psutil.Process().memory_info().rss
     cfg, params = conversion.from_hf(folder)
     jax.block_until_ready(params)
@@ -83,22 +80,19 @@ def child(folder: str) -> dict:
             "param_bytes": param_bytes, "layers": cfg.num_layers}
 
 
+def worker_command(folder: str) -> list[str]:
+    """The command line of one import of `folder` (`child` in a fresh process)."""
+    return [sys.executable, "-m", "jaxdyn.bench", "--worker", "conversion", "--child", folder]
+
+
 def run(preset_name: str, ctx: dict) -> list[dict]:
     row = {"suite": "conversion", "name": "from_hf peak RSS", "impl": "jaxdyn",
            "target": f"(peak - baseline) RSS <= {CONVERSION_TARGET}x checkpoint bytes"}
-    try:
-        import conversion
-
-        conversion.from_hf  # noqa: B018  (the API this suite measures)
-    except (ImportError, AttributeError) as e:
-        row.update(notes=f"skipped: conversion not importable ({e})", meets_target=None)
-        return [row]
     shapes = TINY_SHAPES if preset_name == "tiny" else SHAPES
     with tempfile.TemporaryDirectory(prefix="jaxdyn_bench_ckpt_") as d:
         ckpt = write_checkpoint(d, shapes)
         env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-        proc = subprocess.run([sys.executable, "-m", "jaxdyn.bench.conversion", "--child", d],
-                              env=env, capture_output=True, text=True,
+        proc = subprocess.run(worker_command(d), env=env, capture_output=True, text=True,
                               timeout=ctx.get("timeout", 1800))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode or not lines:
@@ -116,14 +110,3 @@ def run(preset_name: str, ctx: dict) -> list[dict]:
     if preset_name == "tiny":
         row["notes"] += "; tiny checkpoint (CI), the >= 300 MB one runs at other presets"
     return [row]
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m jaxdyn.bench.conversion")
-    ap.add_argument("--child", required=True, help="HF folder to import")
-    args = ap.parse_args(argv)
-    print(MARK + json.dumps(child(args.child)), flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -15,6 +15,10 @@ import jax
 import numpy as np
 
 from jaxdyn.bench import common
+from jaxdyn.decode.generate import generate
+from jaxdyn.decode.sampling import SamplingConfig
+from jaxdyn.model import build, init_params
+from jaxdyn.model.routing.flops import routed_flops_per_token
 
 DECODE_TARGET = 2.0
 
@@ -24,9 +28,6 @@ def _row(**kw) -> dict:
 
 
 def run_forward(preset_name: str, ctx: dict) -> list[dict]:
-    from jaxdyn.model import build, init_params
-    from jaxdyn.model.routing.flops import routed_flops_per_token
-
     p = common.get_preset(preset_name)
     cfg = common.model_config(p)
     B, T = p.batch, p.seq_len
@@ -61,10 +62,6 @@ def run_forward(preset_name: str, ctx: dict) -> list[dict]:
 
 
 def run_decode(preset_name: str, ctx: dict) -> list[dict]:
-    from jaxdyn.decode.generate import generate
-    from jaxdyn.decode.sampling import SamplingConfig
-    from jaxdyn.model import init_params
-
     p = common.get_preset(preset_name)
     cfg = common.model_config(p)
     params = init_params(cfg, jax.random.key(0))

@@ -1,29 +1,57 @@
-"""Multi-token bench: a tiny MTP model trained here on the built-in corpus, decoded by plain
-KV-cached decoding, lossless verify mode and DynaMo dynamic sampling over ε_b.
+"""Multi-token bench: a tiny MTP model trained by the trainer on the built-in corpus, decoded
+by plain KV-cached decoding, lossless verify mode and DynaMo dynamic sampling over ε_b.
 
-    python -m jaxdyn.bench --suite multitoken          # via the bench registry
-    python -m jaxdyn.bench.multitoken --preset tiny    # stand-alone
+    python -m jaxdyn.bench --suite multitoken --preset small   # multitoken preset `tiny`
+    python -m jaxdyn.bench --suite multitoken --preset tiny    # multitoken preset `smoke`
+
+Training goes through the one trainer (`jaxdyn.train.train_and_evaluate`) with the shapes of
+configs/mtp.py:tiny (GPT-NeoX D=64, byte tokenizer, built-in corpus), in two stages like
+`python -m jaxdyn.train` would run them:
+
+1. a dense model, objective `lm`, into `<out>/dense`;
+2. the `mtp` objective (3 heads) from `init.checkpoint=<out>/dense` into `<out>/mtp`, with the
+   paper's learning-rate ratios on a small base lr: LR_M = 100 LR_B through
+   `train.lr_groups=(("^heads/", 100.0),)` and LR_MB = 0.1 LR_B (`mtp.stem_grad_scale`).
+
+Both workdirs are emptied first (the trainer would otherwise resume them). The trained model is
+read back with `jaxdyn.checkpoint.load_model`; PPL_i and PPL_1:n come from
+`jaxdyn.evaluate.perplexity.evaluate` on validation batches of the same corpus.
 
 Rows report tokens per forward pass (prefill excluded) and the wall-clock speed-up against
 single-token decoding of the same model, measured in the same run after a warm-up call (no
 compilation is timed). Verify rows also report whether the output equals plain decoding token
 for token, and the acceptance per draft depth. A PNG plots the dynamic mode against ε_b.
+`<out>/multitoken.json` holds the rows.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
 
+import jax
 import numpy as np
+from matplotlib.figure import Figure
+
+from jaxdyn.checkpoint import load_model
+from jaxdyn.data.tokenizer import load_tokenizer
+from jaxdyn.decode.generate import generate
+from jaxdyn.decode.sampling import SamplingConfig
+from jaxdyn.evaluate.perplexity import evaluate, load_corpus
+from jaxdyn.multitoken.cooccur import CooccurTables, build_tables, builtin_docs
+from jaxdyn.multitoken.decode import generate_multitoken, generate_verify
+from jaxdyn.multitoken.grid import DynamoOptions, blur, otsu_threshold
+from jaxdyn.multitoken.heads import all_logits, dense_params_of, multitoken_model
+from jaxdyn.multitoken.objective import markov_corpus
+from jaxdyn.train import schema, train_and_evaluate
 
 PRESETS = {
-    # ~2-4 min on 2 CPU cores: GPT-NeoX D=64, L=4 over bytes (spec §2 CI model).
+    # ~2-4 min on 2 CPU cores: GPT-NeoX D=64, L=4 over bytes.
     "tiny": dict(layers=4, dense_steps=800, mtp_steps=600, batch=16, seq_len=128,
                  lr_dense=3e-3, lr_base=3e-5, prompts=8, max_new=96, train_docs=390,
                  mechanism=300),
@@ -33,6 +61,10 @@ PRESETS = {
                   mechanism=10),
 }
 EPS = (0.0, 0.25, 0.5, 0.75, 1.0)
+CONFIG = "configs/mtp.py:tiny"  # GPT-NeoX block, the `mtp` block with its defaults
+N_HEADS = 3
+LR_GROUPS = (("^heads/", 100.0),)  # LR_M : LR_B = 100 : 1 (the paper's ratio)
+VAL_BATCHES, VAL_ROWS = 4, 8  # validation batches of the perplexity rows
 
 
 def _timed(fn: Callable, repeats: int = 2):
@@ -52,36 +84,62 @@ def _decode_rate(res) -> float:
     return res.tokens_per_sec
 
 
+def train_stage(workdir: str, values: dict, steps: int) -> dict[str, float]:
+    """`python -m jaxdyn.train --config configs/mtp.py:tiny --workdir WORKDIR --config.k=v ...`
+    for `values` ({key: value}) in a fresh `workdir`; validation and a checkpoint at the end
+    only, no closing sample. Returns the trainer's last metrics."""
+    values = {"train.steps": steps, "eval.every": steps, "eval.batches": 2,
+              "checkpoint.every": steps, "log.every": min(100, steps),
+              "log.tensorboard": False, "sample.max_new_tokens": 0, "mesh.data": 1, **values}
+    overrides = [f"{k}={v if isinstance(v, str) else repr(v)}" for k, v in values.items()]
+    shutil.rmtree(workdir, ignore_errors=True)  # the trainer resumes a workdir it finds
+    return train_and_evaluate(schema.load(CONFIG, overrides), workdir)
+
+
+def train(p: dict, out_dir: str) -> str:
+    """Stage 1 (dense, objective `lm`) into `<out_dir>/dense`, stage 2 (`mtp` from it) into
+    `<out_dir>/mtp`; returns the mtp workdir."""
+    dense_dir = os.path.abspath(os.path.join(out_dir, "dense"))
+    mtp_dir = os.path.abspath(os.path.join(out_dir, "mtp"))
+    shared = {"model.num_layers": p["layers"], "tokenizer.kind": "byte",
+              "data.source": "builtin", "data.max_documents": p["train_docs"],
+              "train.batch_size": p["batch"], "train.seq_len": p["seq_len"],
+              "mtp.n_heads": N_HEADS}
+    train_stage(dense_dir, {**shared, "train.objective": "lm", "train.lr": p["lr_dense"],
+                            "train.warmup_steps": max(1, p["dense_steps"] // 20)},
+                p["dense_steps"])
+    train_stage(mtp_dir, {**shared, "train.objective": "mtp", "init.checkpoint": dense_dir,
+                          "train.lr": p["lr_base"], "train.lr_groups": LR_GROUPS,
+                          "train.warmup_steps": max(1, p["mtp_steps"] // 100)},
+                p["mtp_steps"])
+    return mtp_dir
+
+
 def run(preset: str = "tiny", out_dir: str | None = None) -> list[dict]:
-    import jax
-
-    from jaxdyn.decode.generate import generate
-    from jaxdyn.decode.sampling import SamplingConfig
-    from jaxdyn.model import tiny
-    from jaxdyn.multitoken.cooccur import CooccurTables, build_tables
-    from jaxdyn.multitoken.decode import generate_multitoken, generate_verify
-    from jaxdyn.multitoken.grid import DynamoOptions
-    from jaxdyn.multitoken.heads import dense_params_of
-    from jaxdyn.multitoken.objective import builtin_docs, evaluate, train_tiny_mtp
-
+    """Train (`train`), evaluate and decode with this module's preset `preset`; writes the
+    workdirs, `multitoken.json` and `multitoken_eps.png` into `out_dir` (default
+    runs/bench/multitoken) and returns the rows."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
     out_dir = out_dir or os.path.join("runs", "bench", "multitoken")
     os.makedirs(out_dir, exist_ok=True)
+    t0 = time.perf_counter()
+    mtp_dir = train(p, out_dir)
+    train_s = time.perf_counter() - t0
+    cfg, params, tok_dir = load_model(mtp_dir)
+    tok = load_tokenizer(tok_dir)
+    corpus = load_corpus(tok, "builtin", "validation", seq_len=p["seq_len"],
+                         batch_size=VAL_ROWS, max_batches=VAL_BATCHES,
+                         max_documents=p["train_docs"])
+    ppl = evaluate(cfg, params, corpus.batches)
+    dense = dense_params_of(params)
     docs = builtin_docs(max_docs=p["train_docs"])
     val = builtin_docs(max_docs=p["train_docs"], split="validation") or docs[-8:]
-    cfg = tiny("gpt_neox", vocab_size=258, num_layers=p["layers"], max_position_embeddings=1024)
-    t0 = time.perf_counter()
-    m = train_tiny_mtp(cfg, 3, docs, dense_steps=p["dense_steps"], mtp_steps=p["mtp_steps"],
-                       batch=p["batch"], seq_len=p["seq_len"], lr_dense=p["lr_dense"],
-                       lr_base=p["lr_base"], log_every=100)
-    train_s = time.perf_counter() - t0
-    ppl = evaluate(m.params, cfg, 3, val, seq_len=p["seq_len"])
-    dense = dense_params_of(m.params)
     base = {"suite": "multitoken", "preset": preset, "device": jax.devices()[0].platform,
             "train_seconds": round(train_s, 1),
-            **{k.replace("mtp/", ""): round(v, 3) for k, v in ppl.items() if "ppl" in k}}
+            **{k.replace("mtp/", ""): round(v, 3) for k, v in ppl.items()
+               if k.startswith("mtp/ppl")}}
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in d[s:s + 24]]
                for d, s in ((d, int(rng.integers(0, max(1, len(d) - 24)))) for d in
@@ -101,7 +159,7 @@ def run(preset: str = "tiny", out_dir: str | None = None) -> list[dict]:
     _, plain = _timed(lambda: each(lambda q: generate(cfg, dense, q, p["max_new"], greedy)))
     ref_rate = _decode_rate(plain)
     row("plain-greedy", _Plain(plain), ref_rate)
-    _, ver = _timed(lambda: each(lambda q: generate_verify(cfg, m.params, q, p["max_new"])))
+    _, ver = _timed(lambda: each(lambda q: generate_verify(cfg, params, q, p["max_new"])))
     row("verify-greedy", ver, ref_rate, identical=ver.tokens == plain.tokens,
         acceptance=[round(float(a), 3) for a in ver.acceptance])
 
@@ -110,12 +168,12 @@ def run(preset: str = "tiny", out_dir: str | None = None) -> list[dict]:
     _, plain_s = _timed(lambda: each(lambda q: generate(cfg, dense, q, p["max_new"], samp)))
     ref_s = _decode_rate(plain_s)
     row("plain-sample", _Plain(plain_s), ref_s)
-    _, ver_s = _timed(lambda: each(lambda q: generate_verify(cfg, m.params, q, p["max_new"],
+    _, ver_s = _timed(lambda: each(lambda q: generate_verify(cfg, params, q, p["max_new"],
                                                              samp)))
     row("verify-sample", ver_s, ref_s, acceptance=[round(float(a), 3) for a in ver_s.acceptance])
 
     with tempfile.TemporaryDirectory() as tdir:
-        build_tables(docs, cfg.vocab_size, tdir, fingerprint="byte-v1")
+        build_tables(docs, cfg.vocab_size, tdir, fingerprint=tok.fingerprint())
         tables = CooccurTables(tdir)
         for top_k in (50, 10):
             for eps in EPS:
@@ -124,48 +182,60 @@ def run(preset: str = "tiny", out_dir: str | None = None) -> list[dict]:
                 _, pk = _timed(lambda s=samp_k: each(
                     lambda q: generate(cfg, dense, q, p["max_new"], s)), repeats=1)
                 _, res = _timed(lambda o=opts: each(lambda q: generate_multitoken(
-                    cfg, m.params, tables, q, p["max_new"], o)), repeats=1)
+                    cfg, params, tables, q, p["max_new"], o)), repeats=1)
                 row("dynamic", res, _decode_rate(pk), eps_b=eps, top_k=top_k,
                     emitted_share=[round(float(x), 3) for x in
                                    res.emission_hist[1:] / max(res.emission_hist.sum(), 1)])
     if p["mechanism"]:
-        rows += mechanism(p["mechanism"])
+        rows += mechanism(p["mechanism"], out_dir=os.path.join(out_dir, "mechanism"))
     _plot(rows, os.path.join(out_dir, "multitoken_eps.png"))
     with open(os.path.join(out_dir, "multitoken.json"), "w") as f:
         json.dump(rows, f, indent=1)
     return rows
 
 
-def mechanism(steps: int, V: int = 32) -> list[dict]:
-    """Spec §8 on a known first-order chain (2-3 successors per token): KL(true || estimate)
-    of the joint of (x_{t+1}, x_{t+2}) for the product of heads, with co-occurrence weighting,
-    and with weighting + thresholds (ε_b = 0.5, Otsu; floored at 1e-9); then tokens per forward
-    and the share of generated transitions the true chain allows, across ε_b."""
-    import jax
+def mechanism(steps: int, V: int = 32, out_dir: str | None = None) -> list[dict]:
+    """Spec §8 on a known first-order chain over V tokens (2-3 successors per token), trained
+    by the trainer (`mtp` objective from scratch, 3 heads, D=64 L=2) on the chain's documents
+    written as a JSONL of id texts ("3 17 5 ...", tokenizer kind `ids`) in `out_dir` (default:
+    a temporary folder). The model therefore has V + 2 logits (the chain's V ids, then EOS and
+    pad); every check below uses the heads' distributions renormalised over the first V ids.
 
-    from jaxdyn.model import tiny
-    from jaxdyn.multitoken.cooccur import CooccurTables, build_tables
-    from jaxdyn.multitoken.decode import generate_multitoken
-    from jaxdyn.multitoken.grid import DynamoOptions, blur, otsu_threshold
-    from jaxdyn.multitoken.heads import all_logits, multitoken_model
-    from jaxdyn.multitoken.objective import markov_corpus, train_tiny_mtp
-
+    KL(true || estimate) of the joint of (x_{t+1}, x_{t+2}) on unseen documents for the
+    product of heads, with co-occurrence weighting, and with weighting + thresholds (ε_b = 0.5,
+    Otsu; floored at 1e-9); then tokens per forward and the share of generated transitions the
+    true chain allows, across ε_b (a transition into or out of EOS/pad counts as not allowed).
+    The co-occurrence tables count the chain's documents over its V ids only."""
     docs, trans = markov_corpus(V, n_docs=300, branching=3, order=1, seed=0)
     held = markov_corpus(V, n_docs=308, branching=3, order=1, seed=0)[0][300:]  # unseen docs
-    cfg = tiny("gpt_neox", vocab_size=V, num_layers=2, max_position_embeddings=512)
-    m = train_tiny_mtp(cfg, 3, docs, dense_steps=0, mtp_steps=steps, batch=8, seq_len=32,
-                       lr_base=3e-3, lr_groups=(), log_every=max(steps, 1))
     rows = []
     with tempfile.TemporaryDirectory() as tdir:
-        build_tables(docs, V, tdir)
-        tables = CooccurTables(tdir)
+        root = out_dir or os.path.join(tdir, "mechanism")
+        os.makedirs(root, exist_ok=True)
+        source = os.path.abspath(os.path.join(root, "markov.jsonl"))
+        with open(source, "w") as f:
+            for d in docs:
+                f.write(json.dumps({"text": " ".join(str(int(t)) for t in d)}) + "\n")
+        workdir = os.path.abspath(os.path.join(root, "run"))
+        train_stage(workdir, {
+            "train.objective": "mtp", "mtp.n_heads": N_HEADS, "model.num_layers": 2,
+            "model.vocab_size": V + 2, "tokenizer.kind": "ids", "tokenizer.vocab_size": V,
+            "data.source": source, "data.max_documents": 0, "data.val_fraction": 0.0,
+            "train.batch_size": 8, "train.seq_len": 32, "train.lr": 3e-3,
+            "train.lr_groups": (), "train.warmup_steps": max(1, steps // 100)}, steps)
+        cfg, params, _ = load_model(workdir)
+        if cfg.vocab_size != V + 2:
+            raise RuntimeError(f"mechanism model has {cfg.vocab_size} logits, expected {V + 2}")
+        build_tables(docs, V, os.path.join(tdir, "cooccur"))
+        tables = CooccurTables(os.path.join(tdir, "cooccur"))
         rho = tables.grid_ratio(np.stack([np.arange(V)] * 2))
         kl = {"product": [], "cooccur": [], "cooccur+thresholds": []}
-        heads12 = jax.jit(lambda p, x: jax.nn.softmax(
-            all_logits(multitoken_model(cfg, 3).apply({"params": p}, x))[:2, 0], -1))
+        model = multitoken_model(cfg, N_HEADS)
+        heads12 = jax.jit(lambda p, x: jax.nn.softmax(  # heads 1, 2 over the chain's V ids
+            all_logits(model.apply({"params": p}, x))[:2, 0, :, :V], -1))
         for d in held:
             x = np.asarray(d[:64])[None]
-            probs = np.asarray(heads12(m.params, x), np.float64)  # [2, T, V]
+            probs = np.asarray(heads12(params, x), np.float64)  # [2, T, V]
             for t in range(x.shape[1]):
                 true = trans[x[0, t]][:, None] * trans  # P(a, b | x_t)
                 prod = probs[0, t][:, None] * probs[1, t][None, :]
@@ -184,10 +254,10 @@ def mechanism(steps: int, V: int = 32) -> list[dict]:
                      **{f"kl_{k}": round(float(np.mean(v)), 4) for k, v in kl.items()}})
         prompts = [[int(t) for t in d[:8]] for d in held[:4]]
         for eps in EPS:
-            res = generate_multitoken(cfg, m.params, tables, prompts, 64,
+            res = generate_multitoken(cfg, params, tables, prompts, 64,
                                       DynamoOptions(threshold=eps, top_k=10))
             seqs = [p + t for p, t in zip(prompts, res.tokens, strict=True)]
-            valid = np.mean([trans[a, b] > 0 for s in seqs
+            valid = np.mean([a < V and b < V and trans[a, b] > 0 for s in seqs
                              for a, b in zip(s[:-1], s[1:], strict=True)])
             rows.append({"suite": "multitoken", "mode": "mechanism-dynamic", "eps_b": eps,
                          "tokens_per_forward": round(res.tokens_per_forward, 3),
@@ -238,12 +308,8 @@ class _Plain:
 
 
 def _plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    ax = fig.subplots(1, 2)
     for k in sorted({r["top_k"] for r in rows if r["mode"] == "dynamic"}):
         rs = [r for r in rows if r["mode"] == "dynamic" and r["top_k"] == k]
         eps = [r["eps_b"] for r in rs]
@@ -259,23 +325,22 @@ def _plot(rows: list[dict], path: str) -> None:
     ax[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m jaxdyn.bench.multitoken")
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--out", default=None, help="folder for multitoken.json and the PNG")
-    args = ap.parse_args(argv)
-    rows = run(args.preset, args.out)
-    keys = ("mode", "eps_b", "top_k", "tokens_per_forward", "tokens_per_sec", "speedup",
-            "identical", "acceptance", "emitted_share", "valid_transition_rate")
-    print(" | ".join(keys))
-    for r in rows:
-        print(" | ".join(str(r.get(k, "")) for k in keys))
-    print(json.dumps({k: v for k, v in rows[0].items() if k.startswith("ppl")}))
-    print(json.dumps([r for r in rows if r["mode"] == "mechanism-kl"]))
-
-
-if __name__ == "__main__":
-    main()
+def suite(preset: str, ctx: dict) -> list[dict]:
+    """The `multitoken` suite of `python -m jaxdyn.bench`: this module's own preset `smoke`
+    for the bench preset `tiny`, else `tiny`; rows in the bench's fields, `ctx["multitoken_dir"]`
+    for the outputs."""
+    own = "smoke" if preset == "tiny" else "tiny"
+    rows = []
+    for r in run(own, ctx.get("multitoken_dir")):
+        name = r.get("mode", "?")
+        if "eps_b" in r:
+            name += f" eps={r['eps_b']} top_k={r.get('top_k')}"
+        rows.append({"suite": "multitoken", "name": name, "impl": "jaxdyn",
+                     "tokens_per_s": r.get("tokens_per_sec"), "ratio": r.get("speedup"),
+                     "ref": "single-token" if "speedup" in r else None,
+                     "notes": f"multitoken preset {own}; tokens/forward "
+                              f"{r.get('tokens_per_forward')}",
+                     **{k: v for k, v in r.items() if k not in ("tokens_per_sec", "speedup")}})
+    return rows

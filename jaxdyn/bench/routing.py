@@ -12,6 +12,9 @@ import jax
 
 from jaxdyn.bench import common
 from jaxdyn.bench.train import jaxdyn_step
+from jaxdyn.model import build
+from jaxdyn.model.routing.flops import routed_flops_per_token
+from jaxdyn.train import schema
 
 ROUTING_TARGET = 1.2
 VARIANTS = (("dense", None), ("mod", 0.125), ("mod", 0.5), ("dtf", 0.125), ("dtf", 0.5))
@@ -20,10 +23,7 @@ CONFIG_FILE = {"dense": "standard", "mod": "mod", "dtf": "dtf"}
 
 def forward_time(cfg, params, repeats: int) -> float:
     """Best seconds of the jitted training-mode forward (top-k routing), hidden states only."""
-    from jaxdyn.config import loader as configlib
-    from jaxdyn.model import build
-
-    model = build(configlib.model_config(cfg))
+    model = build(schema.model_config(cfg))
     batch = common.random_batch(cfg)
     tok, pos = batch["tokens"][0], batch["positions"][0]
     fwd = jax.jit(lambda prm: model.apply({"params": prm}, tok, pos, compute_logits=False).hidden)
@@ -31,16 +31,13 @@ def forward_time(cfg, params, repeats: int) -> float:
 
 
 def run(preset_name: str, ctx: dict) -> list[dict]:
-    from jaxdyn.config import loader as configlib
-    from jaxdyn.model.routing.flops import routed_flops_per_token
-
     p = common.get_preset(preset_name)
     tokens = p.batch * p.seq_len
     peak = ctx["peaks"].get("peak_flops_measured")
     rows, dense = [], None
     for arch, cap in ctx.get("routing_variants") or VARIANTS:
         cfg = common.train_config(p, CONFIG_FILE[arch], capacity=cap)
-        mcfg = configlib.model_config(cfg)
+        mcfg = schema.model_config(cfg)
         f = routed_flops_per_token(mcfg, p.seq_len)
         tr = jaxdyn_step(cfg, ctx, p.repeats)
         fwd_s = forward_time(cfg, tr.pop("state").params["params"], p.repeats)

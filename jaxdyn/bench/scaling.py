@@ -4,19 +4,24 @@ about 1/N.
 
 Each N runs in its own subprocess with `XLA_FLAGS=--xla_force_host_platform_device_count=N`
 (the flag is read once, when the backend starts). On one CPU the fake devices share the same
-cores, so throughput does not grow with N there; the memory column is the point on CPU.
+cores, so throughput does not grow with N there; the memory column is the point on CPU. The
+subprocess is the bench CLI's hidden worker mode (jaxdyn/cli/bench.py), which calls `child`:
 
-    python -m jaxdyn.bench.scaling --child N --preset tiny   # one measurement, JSON on stdout
+    python -m jaxdyn.bench --worker scaling --child N --preset tiny   # JSON line on stdout
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import subprocess
 import sys
+
+import jax
+
+from jaxdyn.bench import common
+from jaxdyn.bench.train import jaxdyn_step
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 MARK = "SCALING_RESULT "
@@ -24,8 +29,6 @@ MARK = "SCALING_RESULT "
 
 def per_device_bytes(tree) -> int:
     """Bytes that device 0 holds of every array in `tree` (its addressable shard)."""
-    import jax
-
     dev = jax.devices()[0]
     total = 0
     for leaf in jax.tree.leaves(tree):
@@ -38,11 +41,6 @@ def per_device_bytes(tree) -> int:
 def child(n: int, preset: dict) -> dict:
     """Measure on n devices (this process must have been started with n devices); `preset`
     holds the fields of a `common.Preset`."""
-    import jax
-
-    from jaxdyn.bench import common
-    from jaxdyn.bench.train import jaxdyn_step
-
     if jax.device_count() != n:
         raise RuntimeError(f"expected {n} devices, jax sees {jax.device_count()}; set XLA_FLAGS="
                            f"--xla_force_host_platform_device_count={n} before jax starts")
@@ -62,9 +60,15 @@ def child(n: int, preset: dict) -> dict:
             "state_bytes_total": total_b, "compile_s": r["warmup_s"]}
 
 
-def run(preset_name: str, ctx: dict, counts=DEVICE_COUNTS) -> list[dict]:
-    from jaxdyn.bench import common
+def worker_command(n: int, preset_json: str) -> list[str]:
+    """The command line of one measurement on `n` devices (`child` in a fresh process)."""
+    return [sys.executable, "-m", "jaxdyn.bench", "--worker", "scaling", "--child", str(n),
+            "--preset-json", preset_json]
 
+
+def run(preset_name: str, ctx: dict, counts: tuple[int, ...] | None = None) -> list[dict]:
+    """One row per device count (`counts`, else `ctx["device_counts"]`, else DEVICE_COUNTS)."""
+    counts = counts or ctx.get("device_counts") or DEVICE_COUNTS
     preset = json.dumps(dataclasses.asdict(common.get_preset(preset_name)))
     rows, base = [], None
     for n in counts:
@@ -73,9 +77,7 @@ def run(preset_name: str, ctx: dict, counts=DEVICE_COUNTS) -> list[dict]:
                  if not f.startswith("--xla_force_host_platform_device_count")]
         env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
         env.setdefault("JAX_PLATFORMS", "cpu")
-        cmd = [sys.executable, "-m", "jaxdyn.bench.scaling", "--child", str(n),
-               "--preset-json", preset]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+        proc = subprocess.run(worker_command(n, preset), env=env, capture_output=True, text=True,
                               timeout=ctx.get("timeout", 1800))
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
         if proc.returncode or not lines:
@@ -98,22 +100,3 @@ def run(preset_name: str, ctx: dict, counts=DEVICE_COUNTS) -> list[dict]:
                             f"{row['memory_ratio']:.3f} of N=1 (ideal {1 / n:.3f})")
         rows.append(row)
     return rows
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m jaxdyn.bench.scaling")
-    ap.add_argument("--child", type=int, required=True, help="number of devices of this process")
-    ap.add_argument("--preset", default="tiny", help="a jaxdyn.bench.common.PRESETS name")
-    ap.add_argument("--preset-json", default=None, help="the Preset fields as JSON (wins)")
-    args = ap.parse_args(argv)
-    if args.preset_json:
-        preset = json.loads(args.preset_json)
-    else:
-        from jaxdyn.bench import common
-
-        preset = dataclasses.asdict(common.get_preset(args.preset))
-    print(MARK + json.dumps(child(args.child, preset)), flush=True)
-
-
-if __name__ == "__main__":
-    main()

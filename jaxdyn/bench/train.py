@@ -1,10 +1,10 @@
 """Suite `train`: one optimizer step (forward, backward, AdamW with clipping) of jaxdyn's
 trainer step vs a transformers PyTorch AdamW step on the same config, batch and machine.
 
-jaxdyn runs `jaxdyn.train.loop.make_train_step` jitted with the state donated, exactly as the
+jaxdyn runs `jaxdyn.train.make_train_step` jitted with the state donated, exactly as the
 trainer does; the reference is `model(input_ids, labels=...)`, `loss.backward()`, global-norm
-clipping and `torch.optim.AdamW.step()`. MFU = model FLOPs (3× forward, spec §13) ÷ time ÷ the
-matmul peak measured in this run. Target: jaxdyn ≥ 1.2× the PyTorch tokens/s on CPU.
+clipping and `torch.optim.AdamW.step()`. MFU = model FLOPs (3× forward, docs/training.md)
+÷ time ÷ the matmul peak measured in this run. Target: jaxdyn ≥ 1.2× the PyTorch tokens/s on CPU.
 """
 
 from __future__ import annotations
@@ -13,22 +13,19 @@ import contextlib
 
 import jax
 
+from jaxdyn import sharding
 from jaxdyn.bench import common
+from jaxdyn.model import init_params
+from jaxdyn.train import create_train_state, flops, make_train_step, schema
+from jaxdyn.train.setup import accum_sharding, make_mesh
 
 TRAIN_TARGET = 1.2
 
 
 def jaxdyn_step(cfg, ctx: dict, repeats: int, profile_dir: str | None = None) -> dict:
     """Time the trainer's step on `cfg`; returns the timing dict plus flops and memory."""
-    from jaxdyn import sharding
-    from jaxdyn.config import loader as configlib
-    from jaxdyn.model import init_params
-    from jaxdyn.train import flops
-    from jaxdyn.train.loop import create_train_state, make_train_step
-    from jaxdyn.train.setup import accum_sharding, make_mesh
-
     mesh = make_mesh(cfg)
-    mcfg = configlib.model_config(cfg)
+    mcfg = schema.model_config(cfg)
     params = jax.jit(lambda r: init_params(mcfg, r))(jax.random.key(1))  # one compile, not eager
     state = create_train_state(cfg, jax.random.key(0), params=params, mesh=mesh)
     batch = jax.device_put(common.random_batch(cfg), accum_sharding(mesh))
@@ -72,8 +69,7 @@ def torch_step(mcfg, batch: int, seq_len: int, repeats: int) -> dict:
 def run(preset_name: str, ctx: dict) -> list[dict]:
     p = common.get_preset(preset_name)
     cfg = common.train_config(p)
-    from jaxdyn.config import loader as configlib
-    mcfg = configlib.model_config(cfg)
+    mcfg = schema.model_config(cfg)
     tokens = cfg.train.batch_size * cfg.train.seq_len
     peak = ctx["peaks"].get("peak_flops_measured")
     j = jaxdyn_step(cfg, ctx, p.repeats, ctx.get("profile"))

@@ -25,7 +25,7 @@ from jaxdyn.data.sources import builtin_corpus_files, read_source, split_documen
 
 __all__ = ["DataConfig", "DataConfigError", "DataSourceNotFoundError", "EmptyDatasetError",
            "PackedIterator", "UnknownSourceError", "builtin_corpus_files", "load_documents",
-           "make_eval_batches", "make_train_iterator", "tokenize_documents"]
+           "make_eval_batches", "make_train_iterator", "text_data", "tokenize_documents"]
 
 _ENCODE_CHUNK = 512  # documents per encode_batch call (bounds peak memory)
 
@@ -129,3 +129,22 @@ def make_eval_batches(cfg: DataConfig, tokenizer, *, seq_len: int, batch_size: i
     it = PackedIterator(tokens, seq_len=seq_len, batch_size=batch_size, seed=0, shuffle=False,
                         pad_id=tokenizer.pad_id)
     return it.one_pass(max_batches)
+
+
+def text_data(cfg, tokenizer, rows: int, process_index: int = 0, process_count: int = 1):
+    """(train iterator, validation batches) of a run config's `data` block at `train.seq_len`:
+    each process gets `rows // process_count` rows per micro-batch of its own documents, and
+    its rows of each global validation batch (`eval.batches` of `rows` rows, 0 = all)."""
+    dc = DataConfig(**cfg.data.to_dict())
+    if rows % process_count:
+        raise DataConfigError(f"micro-batch of {rows} rows must be divisible by the "
+                              f"{process_count} processes")
+    local = rows // process_count
+    it = make_train_iterator(dc, tokenizer, seq_len=cfg.train.seq_len, batch_size=local,
+                             seed=cfg.train.seed, process_index=process_index,
+                             process_count=process_count)
+    lo, hi = process_index * local, (process_index + 1) * local
+    evals = [{k: v[lo:hi] for k, v in batch.items()}
+             for batch in make_eval_batches(dc, tokenizer, seq_len=cfg.train.seq_len,
+                                            batch_size=rows, max_batches=cfg.eval.batches)]
+    return it, evals

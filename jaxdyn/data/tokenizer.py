@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -89,6 +89,39 @@ class ByteTokenizer(Tokenizer):
         return "byte-v1"
 
 
+class IdsTokenizer(Tokenizer):
+    """Text that already is token ids ("3 17 5 …", ids < `n_ids`), for synthetic corpora (a
+    known Markov chain, say); eos = n_ids, pad = n_ids + 1."""
+
+    kind = "ids"
+
+    def __init__(self, n_ids: int) -> None:
+        if n_ids < 1:
+            raise ValueError(f"an ids tokenizer needs tokenizer.vocab_size >= 1, got {n_ids}")
+        self.n_ids = int(n_ids)
+        self.vocab_size, self.bos_id = self.n_ids + 2, None
+        self.eos_id, self.pad_id = self.n_ids, self.n_ids + 1
+
+    def encode(self, text: str) -> list[int]:
+        ids = [int(t) for t in text.split()]
+        bad = [i for i in ids if not 0 <= i < self.n_ids]
+        if bad:
+            raise ValueError(f"ids tokenizer: ids {bad[:3]} outside [0, {self.n_ids})")
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return " ".join(str(int(i)) for i in ids if 0 <= int(i) < self.n_ids)
+
+    def save(self, directory: str) -> None:
+        self._write_meta(directory)
+
+    def _meta(self) -> dict:
+        return {**super()._meta(), "n_ids": self.n_ids}
+
+    def fingerprint(self) -> str:
+        return f"ids-{self.n_ids}"
+
+
 class HFTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` (BPE trained here, or any `tokenizer.json`)."""
 
@@ -126,6 +159,20 @@ class HFTokenizer(Tokenizer):
 def byte_tokenizer() -> Tokenizer:
     """256 bytes + eos + pad (vocab 258)."""
     return ByteTokenizer()
+
+
+# Tokenizers with a fixed vocabulary, by `kind`: nothing to train or read but their name.
+# Features add theirs with `register_tokenizer` (e.g. `tcg_syllable`, jaxdyn.temporal).
+FIXED: dict[str, Callable[[], Tokenizer]] = {"byte": byte_tokenizer}
+
+
+def register_tokenizer(kind: str, factory: Callable[[], Tokenizer]) -> None:
+    FIXED[kind] = factory
+
+
+def tokenizer_kinds() -> tuple[str, ...]:
+    """Every `tokenizer.kind` a config may name."""
+    return (*FIXED, "ids", "bpe", "checkpoint")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, directory: str) -> Tokenizer:
@@ -207,8 +254,14 @@ def load_tokenizer(directory: str) -> Tokenizer:
             and os.path.isdir(os.path.join(directory, "tokenizer"))):
         directory = os.path.join(directory, "tokenizer")
     meta = _read_json(os.path.join(directory, META_FILE))
-    if meta.get("kind") == "byte":
-        return byte_tokenizer()
+    if meta.get("kind") == "ids":
+        return IdsTokenizer(meta["n_ids"])
+    if meta.get("kind") in FIXED:
+        return FIXED[meta["kind"]]()
+    if meta.get("kind") not in (None, "hf"):  # e.g. a feature's tokenizer not imported
+        raise TokenizerNotFoundError(f"tokenizer in {directory!r} is of kind {meta['kind']!r}, "
+                                     f"which no imported package registers (known: "
+                                     f"{sorted(FIXED)}); import the feature that defines it")
     from tokenizers import Tokenizer as HFTok
 
     if os.path.exists(os.path.join(directory, HF_FILE)):
@@ -238,10 +291,13 @@ def _auto_tokenizer(directory: str):
 
 def make_tokenizer(kind: str, *, directory: str, texts: Iterable[str] | None = None,
                    vocab_size: int | None = None, checkpoint_dir: str | None = None) -> Tokenizer:
-    """"byte" | "bpe" (trained on `texts` once, then reloaded from `directory`) | "checkpoint"
-    (the tokenizer stored with `checkpoint_dir`)."""
-    if kind == "byte":
-        return byte_tokenizer()
+    """A fixed tokenizer ("byte", or one a feature registers) | "ids" (texts of `vocab_size`
+    token ids) | "bpe" (trained on `texts` once, then reloaded from `directory`) |
+    "checkpoint" (the tokenizer stored with `checkpoint_dir`)."""
+    if kind in FIXED:
+        return FIXED[kind]()
+    if kind == "ids":  # vocab_size counts the ids; EOS and pad come after them
+        return IdsTokenizer(vocab_size or 0)
     if kind == "bpe":
         if os.path.exists(os.path.join(directory, HF_FILE)):
             tok = load_tokenizer(directory)
@@ -257,4 +313,4 @@ def make_tokenizer(kind: str, *, directory: str, texts: Iterable[str] | None = N
         if not checkpoint_dir:
             raise ValueError('tokenizer kind "checkpoint" needs checkpoint_dir (init.checkpoint)')
         return load_tokenizer(checkpoint_dir)
-    raise ValueError(f"unknown tokenizer kind {kind!r}; use 'byte', 'bpe' or 'checkpoint'")
+    raise ValueError(f"unknown tokenizer kind {kind!r}; use one of {tokenizer_kinds()}")

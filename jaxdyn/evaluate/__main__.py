@@ -1,3 +1,3 @@
-from jaxdyn.evaluate.perplexity import main
+from jaxdyn.cli.evaluate import main
 
 main()

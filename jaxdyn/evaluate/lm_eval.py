@@ -1,7 +1,7 @@
 """lm-evaluation-harness adapter: the `lm_eval` model "jaxdyn" for any jaxdyn checkpoint.
 
     pip install -e ".[eval]"
-    python -m jaxdyn.evaluate.lm_eval --checkpoint runs/std --tasks arc_challenge,hellaswag
+    python -m jaxdyn.evaluate --checkpoint runs/std --tasks arc_challenge,hellaswag
     # or, in Python:
     import lm_eval, jaxdyn.evaluate.lm_eval  # registers "jaxdyn"
     lm_eval.simple_evaluate(model="jaxdyn", model_args="checkpoint=runs/std", tasks=[...])
@@ -27,6 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdyn.checkpoint import load_for_inference
+from jaxdyn.decode.generate import generate, truncate_at_stop
+from jaxdyn.decode.sampling import SamplingConfig
 from jaxdyn.model import ModelConfig, build
 
 
@@ -53,8 +56,6 @@ class JaxdynScorer:
                  params=None, tokenizer=None, batch_size: int = 8, max_length: int | None = None,
                  bucket: int = 32):
         if checkpoint is not None:
-            from jaxdyn.decode.generate import load_for_inference
-
             cfg, params, tokenizer = load_for_inference(checkpoint)
         if cfg is None or params is None or tokenizer is None:
             raise ValueError("give checkpoint=DIR, or cfg, params and tokenizer")
@@ -129,9 +130,6 @@ class JaxdynScorer:
 
     def generate_until(self, requests: Sequence[tuple[str, dict]]) -> list[str]:
         """Continuations cut at the first stop string (`until`, default EOS only)."""
-        from jaxdyn.decode.generate import generate, truncate_at_stop
-        from jaxdyn.decode.sampling import SamplingConfig
-
         outs = []
         for context, kw in requests:
             kw = dict(kw or {})
@@ -191,35 +189,17 @@ def __getattr__(name: str):  # `from jaxdyn.evaluate.lm_eval import JaxdynLM` re
     raise AttributeError(name)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-    import json
-
-    ap = argparse.ArgumentParser(prog="python -m jaxdyn.evaluate.lm_eval",
-                                 description="Run lm-evaluation-harness tasks on a checkpoint.")
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--tasks", required=True, help="comma-separated lm_eval task names")
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--max_length", type=int)
-    ap.add_argument("--num_fewshot", type=int)
-    ap.add_argument("--limit", type=float, help="examples per task (or fraction)")
-    ap.add_argument("--include_path", help="folder of extra task YAMLs")
-    ap.add_argument("--out", help="write the results JSON here")
-    args = ap.parse_args(argv)
-    import lm_eval
+def run_tasks(cfg: ModelConfig, params, tokenizer, tasks: Sequence[str], *, batch_size: int = 8,
+              max_length: int | None = None, num_fewshot: int | None = None,
+              limit: float | None = None, include_path: str | None = None) -> dict:
+    """lm-evaluation-harness results (`results` of `simple_evaluate`) of a loaded model."""
+    import lm_eval  # optional dependency: pip install -e ".[eval]"
     from lm_eval.tasks import TaskManager
 
-    lm = __getattr__("JaxdynLM")(args.checkpoint, args.batch_size, args.max_length)
-    res = lm_eval.simple_evaluate(model=lm, tasks=args.tasks.split(","),
-                                  num_fewshot=args.num_fewshot, limit=args.limit,
-                                  task_manager=TaskManager(include_path=args.include_path),
+    scorer = JaxdynScorer(cfg=cfg, params=params, tokenizer=tokenizer, batch_size=batch_size,
+                          max_length=max_length)
+    lm = __getattr__("JaxdynLM")(scorer=scorer)
+    res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot,
+                                  limit=limit, task_manager=TaskManager(include_path=include_path),
                                   log_samples=False)
-    text = json.dumps(res["results"], indent=1, default=str)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    return res["results"]

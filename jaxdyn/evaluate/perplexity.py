@@ -14,7 +14,7 @@ over every target, so `ppl = exp(Σ nll / #targets)` exactly.
 documents read): exact for the byte tokenizer, a tokens-per-byte estimate otherwise.
 Routed models (MoD, DTF) also report each routed unit's selected fraction (`router/layer_i/
 selected_frac`, token-weighted) under the chosen router (`--routing_mode`). Multi-token
-checkpoints report PPL_i per head and PPL_{1:n} (multitoken spec §6).
+checkpoints report PPL_i per head and PPL_{1:n} (docs/features/multitoken.md).
 
 Dimension legend: n heads, B batch, T length, V vocab.
 """
@@ -23,18 +23,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import sys
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdyn.data import DataConfig, PackedIterator, load_documents, tokenize_documents
 from jaxdyn.model import ModelConfig, build
 from jaxdyn.model.loss import chunked_cross_entropy, shifted_targets
-from jaxdyn.train.metrics import flatten_aux
+from jaxdyn.model.units import flatten_aux
+from jaxdyn.multitoken.heads import all_hidden, heads_of, multitoken_model
 
 SPLITS = ("validation", "train", "all")
 
@@ -51,8 +51,6 @@ def load_corpus(tok, source: str = "builtin", split: str | None = None, *, seq_l
                 text_field: str = "text", cache_dir: str = "") -> Corpus:
     """Packed eval batches of a `jaxdyn.data` source. `split`: validation | train (the
     trainer's hash split) | all; default validation for builtin, all for anything else."""
-    from jaxdyn.data import DataConfig, PackedIterator, load_documents, tokenize_documents
-
     split = split or ("validation" if source == "builtin" else "all")
     if split not in SPLITS:
         raise ValueError(f"--split {split!r}: use one of {SPLITS}")
@@ -73,8 +71,6 @@ def load_corpus(tok, source: str = "builtin", split: str | None = None, *, seq_l
 def _sums_fn(cfg: ModelConfig, routing_mode: str, n_heads: int, head_depth: int, chunk: int):
     """Jitted batch -> (nll sums [n], target counts [n], joint nll over V_n, aux)."""
     if n_heads > 1:
-        from jaxdyn.multitoken.heads import all_hidden, multitoken_model
-
         model = multitoken_model(cfg, n_heads, head_depth)
     else:
         model = build(cfg, routing_mode=routing_mode)
@@ -107,8 +103,6 @@ def evaluate(cfg: ModelConfig, params, batches: Sequence[dict], *, routing_mode:
              bytes_per_target: float | None = None, chunk: int = 1024) -> dict[str, float]:
     """`nll` (mean nats per target), `ppl`, `tokens` (targets), `bits_per_byte`; routed:
     `router/...` metrics weighted by targets; multi-token: `mtp/ppl_i`, `mtp/ppl_1:n`."""
-    from jaxdyn.multitoken.heads import heads_of
-
     if not batches:
         raise ValueError("no evaluation batches: the data source gave no documents")
     n, depth = heads_of(params) if cfg.arch == "dense" else (1, 1)
@@ -132,61 +126,3 @@ def evaluate(cfg: ModelConfig, params, batches: Sequence[dict], *, routing_mode:
             out[f"mtp/ppl_{i + 1}"] = math.exp(min(sums[i] / max(counts[i], 1), 700.0))
         out[f"mtp/ppl_1:{n}"] = math.exp(min(joint / max(n * counts[-1], 1), 700.0))
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m jaxdyn.evaluate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True,
-                    help="training workdir, conversion output or Hugging Face folder")
-    ap.add_argument("--data", default="builtin",
-                    help="builtin | local .txt/.jsonl/.json/.parquet file, folder or glob | "
-                         "hub:NAME[:CONFIG]")
-    ap.add_argument("--split", choices=SPLITS,
-                    help="default: validation for builtin, all for other sources")
-    ap.add_argument("--text_field", default="text")
-    ap.add_argument("--max_documents", type=int, default=0, help="0 = all")
-    ap.add_argument("--seq_len", type=int, default=512)
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--max_batches", type=int, default=0, help="0 = one full pass")
-    ap.add_argument("--routing_mode", choices=("topk", "causal"), default="topk",
-                    help="routed models: top-k over the sequence (as in training) or the "
-                         "causal router (as in generation)")
-    ap.add_argument("--out", help="also write the results as JSON here")
-    args = ap.parse_args(argv)
-
-    from jaxdyn.data import DataConfigError, DataSourceNotFoundError, EmptyDatasetError
-    from jaxdyn.decode.generate import load_for_inference
-
-    try:
-        cfg, params, tok = load_for_inference(args.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: cannot load --checkpoint {args.checkpoint!r}: {e}") from None
-    if args.seq_len > cfg.max_position_embeddings:
-        raise SystemExit(f"error: --seq_len {args.seq_len} exceeds the model's context of "
-                         f"{cfg.max_position_embeddings}; lower --seq_len")
-    try:
-        corpus = load_corpus(tok, args.data, args.split, seq_len=args.seq_len,
-                             batch_size=args.batch_size, max_batches=args.max_batches,
-                             max_documents=args.max_documents, text_field=args.text_field)
-    except (DataConfigError, DataSourceNotFoundError, EmptyDatasetError, ValueError) as e:
-        raise SystemExit(f"error: --data {args.data!r}: {e}") from None
-    res = evaluate(cfg, params, corpus.batches, routing_mode=args.routing_mode,
-                   bytes_per_target=corpus.bytes_per_target)
-    res = {"checkpoint": args.checkpoint, "data": args.data,
-           "split": args.split or ("validation" if args.data == "builtin" else "all"),
-           "documents": corpus.documents, "family": cfg.family, "arch": cfg.arch,
-           **({"routing_mode": args.routing_mode} if cfg.arch != "dense" else {}), **res}
-    text = json.dumps(res, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(f"[ppl {res['ppl']:.3f}, {res.get('bits_per_byte', float('nan')):.4f} bits/byte over "
-          f"{res['tokens']} targets]", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
-"""Standard vs MoD vs DTF at matched capacity on the built-in corpus (routing spec §11).
+"""Standard vs MoD vs DTF at matched capacity on the built-in corpus.
 
-    python -m jaxdyn.experiments.compare --preset cpu --out runs/compare   # ≈10 min on 2 cores
-    python -m jaxdyn.experiments.compare --preset tiny --steps 20           # smoke run
-    python -m jaxdyn.experiments.compare --preset small                     # hours on CPU
+    python -m jaxdyn.experiments compare --preset cpu --out runs/compare   # ≈10 min on 2 cores
+    python -m jaxdyn.experiments compare --preset tiny --steps 20           # smoke run
+    python -m jaxdyn.experiments compare --preset small                     # hours on CPU
 
 Trains the three models with identical data, seed, optimizer and layer shapes (the dense
 baseline gets the routed models' layer count; MoD and DTF share γ), then writes `results.md` /
@@ -13,7 +13,6 @@ all three runs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -22,8 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from jaxdyn.config import loader as configlib
-from jaxdyn.train import flops  # noqa: E402
+from jaxdyn.train import flops, schema  # noqa: E402
 from jaxdyn.train.loop import train_and_evaluate  # noqa: E402
 from jaxdyn.train.metrics import read_metrics  # noqa: E402
 
@@ -48,13 +46,13 @@ def matched_configs(preset: str, overrides: list[str]) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown compare preset {preset!r}; choose one of {sorted(PRESETS)}")
     base, extra = PRESETS[preset]
-    routed = {name: configlib.load_config(f"{path}:{base}", [*extra, *overrides])
+    routed = {name: schema.load(f"{path}:{base}", [*extra, *overrides])
               for name, path in RUNS[1:]}
     layers = {c.model.num_layers for c in routed.values()}
     if len(layers) != 1:
         raise ValueError(f"MoD and DTF presets {base!r} differ in num_layers: {layers}")
     dense_overrides = [o for o in overrides if not o.startswith("--config.model.routing.")]
-    cfgs = {"standard": configlib.load_config(
+    cfgs = {"standard": schema.load(
         f"{RUNS[0][1]}:{base}", [*extra, *dense_overrides,
                                  f"--config.model.num_layers={layers.pop()}"]), **routed}
     cap = {cfgs[n].model.routing.capacity for n in ("mod", "dtf")}
@@ -73,11 +71,13 @@ def matched_configs(preset: str, overrides: list[str]) -> dict:
 
 
 def run_all(preset: str, out: str, overrides: list[str]) -> list[dict]:
+    """Train the three matched runs into `out/<name>`; one result row each."""
+    os.makedirs(out, exist_ok=True)
     rows = []
     for name, cfg in matched_configs(preset, overrides).items():
         workdir = os.path.join(out, name)
         last = train_and_evaluate(cfg, workdir)
-        mcfg = configlib.model_config(cfg)
+        mcfg = schema.model_config(cfg)
         per_tok = flops.train_flops_per_token(mcfg, cfg.train.seq_len)
         tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
         val = [r for r in read_metrics(workdir) if r["split"] == "val"]
@@ -119,18 +119,3 @@ def write_results(rows: list[dict], out: str) -> str:
     fig.savefig(os.path.join(out, "val_loss.png"), dpi=100)
     plt.close(fig)
     return table
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m jaxdyn.experiments.compare")
-    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    ap.add_argument("--out", default="runs/compare")
-    ap.add_argument("--steps", type=int, default=0, help="override train.steps (0 = preset)")
-    args, rest = ap.parse_known_args()
-    overrides = list(rest) + ([f"--config.train.steps={args.steps}"] if args.steps else [])
-    os.makedirs(args.out, exist_ok=True)
-    print(write_results(run_all(args.preset, args.out, overrides), args.out))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """ModelConfig: the one description of a jaxdyn decoder (dense or routed).
 
 The fields mirror the Hugging Face config facts that change the maths (see
-`shared/spec/conversion.md` §3); `family` picks the per-family defaults.
+docs/conversion.md); `family` picks the per-family defaults.
 """
 
 from __future__ import annotations

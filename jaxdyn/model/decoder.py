@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxdyn import sharding
+from jaxdyn.model.block import constrain
 from jaxdyn.model.config import ModelConfig
 from jaxdyn.model.layers import dtype_of, make_norm, param_init
 from jaxdyn.model.units import STACKED, num_units, remat_policy, unit_spec, with_hooks
-from jaxdyn.model.block import constrain
 
 
 @flax.struct.dataclass

@@ -68,7 +68,7 @@ def make_norm(cfg: ModelConfig, name: str) -> Norm:
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [r/2] in fp32, with linear or Llama-3 scaling (conversion spec §4)."""
+    """Inverse frequencies [r/2] in fp32, with linear or Llama-3 scaling (docs/conversion.md)."""
     r = cfg.rotary_dim
     inv = 1.0 / (cfg.rope_theta ** (np.arange(0, r, 2, dtype=np.int64).astype(np.float32) / r))
     inv = inv.astype(np.float32)
@@ -113,18 +113,19 @@ ACT_FNS = {
 }
 
 
-def dense(features: int, axes: tuple[str, str], cfg: ModelConfig, name: str,
-          use_bias: bool = False) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype_of(cfg.dtype),
-                    param_dtype=dtype_of(cfg.param_dtype), kernel_init=param_init(axes),
-                    bias_init=param_init((axes[1],), nn.initializers.zeros), name=name)
+def dense(in_features: int, features: int, axes: tuple[str, str], cfg: ModelConfig, name: str,
+          use_bias: bool = False) -> Proj:
+    """A [in] -> [out] projection (`kernel`, optional `bias`), LoRA-capable like every Proj."""
+    return Proj((in_features,), (features,), axes, use_bias, dtype_of(cfg.dtype),
+                dtype_of(cfg.param_dtype), name=name)
 
 
 class Proj(nn.Module):
     """A linear map between named multi-axis shapes via einsum, e.g. [D] -> [N, Hd].
 
     Unlike `nn.DenseGeneral`, the kernel is initialised at its full rank, so its logical axis
-    names always match the value (DenseGeneral initialises a flattened kernel).
+    names always match the value (DenseGeneral initialises a flattened kernel). With LoRA
+    factors in the `lora` collection (`jaxdyn.model.lora`) the output adds (x·A)·B.
     """
 
     in_shape: tuple[int, ...]
@@ -143,6 +144,11 @@ class Proj(nn.Module):
         ins, outs = letters[:n_in], letters[n_in:n_in + n_out]
         y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(self.dtype),
                        w.astype(self.dtype))
+        if self.has_variable("lora", "a"):  # low-rank path; B already carries alpha / r
+            a_ir = self.get_variable("lora", "a").astype(self.dtype)
+            b_ro = self.get_variable("lora", "b").astype(self.dtype)
+            x_i = x.astype(self.dtype).reshape(*x.shape[:x.ndim - n_in], -1)
+            y = y + ((x_i @ a_ir) @ b_ro).reshape(y.shape)
         if self.use_bias:
             b = self.param("bias", param_init(self.axes[n_in:], nn.initializers.zeros),
                            self.out_shape, self.param_dtype)
@@ -161,10 +167,11 @@ class MLP(nn.Module):
         F, D = cfg.intermediate_size, cfg.hidden_size
         act = ACT_FNS[cfg.activation]
         x_BTD = checkpoint_name(x_BTD, "mlp_in")
-        up_BTF = dense(F, ("embed", "mlp"), cfg, "up", cfg.mlp_bias)(x_BTD)
+        up_BTF = dense(D, F, ("embed", "mlp"), cfg, "up", cfg.mlp_bias)(x_BTD)
         if cfg.gated_mlp:
-            h_BTF = act(dense(F, ("embed", "mlp"), cfg, "gate", cfg.mlp_bias)(x_BTD)) * up_BTF
+            gate_BTF = dense(D, F, ("embed", "mlp"), cfg, "gate", cfg.mlp_bias)(x_BTD)
+            h_BTF = act(gate_BTF) * up_BTF
         else:
             h_BTF = act(up_BTF)
-        out_BTD = dense(D, ("mlp", "embed"), cfg, "down", cfg.mlp_bias)(h_BTF)
+        out_BTD = dense(F, D, ("mlp", "embed"), cfg, "down", cfg.mlp_bias)(h_BTF)
         return checkpoint_name(out_BTD, "mlp_out")

@@ -1,4 +1,4 @@
-"""Vocabulary-chunked cross-entropy (JAX practices spec §5).
+"""Vocabulary-chunked cross-entropy (docs/training.md).
 
 Logits are never materialised as [B, T, V]: rows of hidden states are projected chunk by chunk
 inside `jax.checkpoint`, so the backward pass recomputes each chunk's logits instead of storing
@@ -80,3 +80,9 @@ def lm_loss(hidden_BTD, unembed_DV, tokens_BT, segment_ids_BT=None, shift: int =
             [extra_mask_BT[:, shift:], jnp.zeros((B, shift), extra_mask_BT.dtype)], 1)
         mask_BT = mask_BT & target_mask.astype(bool)
     return chunked_cross_entropy(hidden_BTD, unembed_DV, targets_BT, mask_BT, chunk, z_loss)
+
+
+def unit_losses(aux: dict) -> jax.Array:
+    """Σ over the units' weighted auxiliary losses (router BCE, prior, …) of their mean over
+    the scan units; 0 for dense models."""
+    return sum((jnp.mean(v) for v in aux["losses"].values()), jnp.zeros((), jnp.float32))

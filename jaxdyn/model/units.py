@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdyn.model.block import DecoderLayer, init_layer_cache
 from jaxdyn.model.config import ConfigError, ModelConfig
@@ -103,3 +104,20 @@ def with_hooks(unit_cls: type[nn.Module]) -> type[nn.Module]:
 
     Hooked.__name__ = Hooked.__qualname__ = f"Hooked{unit_cls.__name__}"
     return Hooked
+
+
+def flatten_aux(aux: dict[str, Any]) -> dict[str, float]:
+    """Per-unit aux metrics [U] -> `router/layer_{i}/name` plus the mean `router/name`.
+
+    Each MoD/DTF scan unit holds one routed layer, so `layer_{i}` is the i-th routed layer
+    (model layer 2i+1); the weighted aux losses are logged as their mean, `router/loss_name`.
+    """
+    out = {}
+    for name, v in aux.get("metrics", {}).items():
+        v = np.asarray(v, np.float64).reshape(-1)
+        for i, x in enumerate(v):
+            out[f"router/layer_{i}/{name}"] = float(x)
+        out[f"router/{name}"] = float(v.mean())
+    for name, v in aux.get("losses", {}).items():
+        out[f"router/loss_{name}"] = float(np.mean(np.asarray(v, np.float64)))
+    return out

@@ -1,6 +1,6 @@
 """Co-occurrence tables of contiguous n-grams (DynaMo's co-occurrence weighted masking).
 
-`python -m jaxdyn.multitoken.cooccur --data … --out DIR` counts unigrams, pairs and triples (4-grams
+`python -m jaxdyn.multitoken cooccur --data … --out DIR` counts unigrams, pairs and triples (4-grams
 optional) of token ids *inside documents* (n-grams never cross a boundary). An n-gram
 (a, b, c) is the int64 key ((a·V + b)·V + c). Keys are buffered, deduplicated into sorted runs
 on disk and k-way merged with summed counts, so memory stays bounded by the buffer.
@@ -16,13 +16,15 @@ Dimension legend: N queries, K n-gram order, V vocabulary.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from jaxdyn.data import DataConfig, load_documents, tokenize_documents
+from jaxdyn.data.tokenizer import byte_tokenizer, load_tokenizer
 
 NAMES = {2: "pairs", 3: "triples", 4: "quads"}
 MAX_VOCAB = {2: 3_037_000_499, 3: 2_097_151, 4: 55_108}  # V^K < 2^63
@@ -160,7 +162,8 @@ class CooccurTables:
     def __init__(self, directory: str | Path):
         d = Path(directory)
         if not (d / "meta.json").exists():
-            raise FileNotFoundError(f"{d} has no meta.json; build it with python -m jaxdyn.multitoken.cooccur")
+            raise FileNotFoundError(f"{d} has no meta.json; build it with "
+                                    "python -m jaxdyn.multitoken cooccur")
         self.meta = json.loads((d / "meta.json").read_text())
         self.vocab_size = int(self.meta["vocab_size"])
         self.max_order = int(self.meta["max_order"])
@@ -228,18 +231,16 @@ class CooccurTables:
             out[idx] = np.where(denom > 0, p_n / np.where(denom > 0, denom, 1.0), 0.0)
         return out
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- documents
 
 
 def iter_docs(paths: Sequence[str], doc_sep: int | None = None,
               pad_id: int | None = None) -> Iterator[np.ndarray]:
     """Documents from `.jsonl` ({"tokens": [...]} or a list per line), `.npy` (1-D split at
     `doc_sep`, or 2-D rows minus `pad_id`), text files/folders (UTF-8 bytes, V=256), or
-    `builtin` (the standard-library corpus of `jaxdyn.multitoken.objective.builtin_docs`)."""
+    `builtin` (the standard-library corpus, `builtin_docs`)."""
     for p in paths:
         if p == "builtin":
-            from jaxdyn.multitoken.objective import builtin_docs
-
             yield from builtin_docs()
             continue
         path = Path(p)
@@ -273,9 +274,6 @@ def tokenized_sources(sources: Sequence[str], tokenizer_dir: str, text_field: st
                       max_documents: int = 0):
     """(tokenizer, token arrays) of the training split of each `jaxdyn.data` source, with
     BOS/EOS exactly as the trainer adds them (so the tables see the model's documents)."""
-    from jaxdyn.data import DataConfig, load_documents, tokenize_documents
-    from jaxdyn.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(tokenizer_dir)
     out = []
     for src in sources:
@@ -285,43 +283,11 @@ def tokenized_sources(sources: Sequence[str], tokenizer_dir: str, text_field: st
     return tok, out
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m jaxdyn.multitoken.cooccur", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", nargs="+", required=True,
-                    help="files/folders (.jsonl, .npy, text) or 'builtin'")
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--vocab_size", type=int,
-                    help="default: max id + 1 (256 for text, 258 for builtin)")
-    ap.add_argument("--max_order", type=int, default=3, choices=(2, 3, 4))
-    ap.add_argument("--doc_sep", type=int, help="separator id splitting a 1-D .npy stream")
-    ap.add_argument("--pad_id", type=int, help="id dropped from rows of a 2-D .npy")
-    ap.add_argument("--buffer", type=int, default=1 << 22, help="keys per sorted run")
-    ap.add_argument("--min_count", type=int, default=1)
-    ap.add_argument("--fingerprint", default="", help="tokenizer fingerprint stored in meta")
-    ap.add_argument("--tokenizer", help="tokenizer (or checkpoint) folder: --data entries are "
-                    "jaxdyn.data sources (builtin, a text/JSONL/Parquet path, hub:NAME) read as "
-                    "text and tokenized like training data (train split only)")
-    ap.add_argument("--text_field", default="text", help="text column of JSONL/Parquet/hub data")
-    ap.add_argument("--max_documents", type=int, default=0, help="with --tokenizer; 0 = all")
-    args = ap.parse_args(argv)
-    docs = lambda: iter_docs(args.data, args.doc_sep, args.pad_id)
-    V = args.vocab_size
-    if args.tokenizer:
-        tok, token_docs = tokenized_sources(args.data, args.tokenizer, args.text_field,
-                                            args.max_documents)
-        docs = lambda: iter(token_docs)
-        V = V or tok.vocab_size
-        args.fingerprint = args.fingerprint or tok.fingerprint()
-    elif V is None and all(p == "builtin" for p in args.data):
-        V = 258  # the byte tokenizer of jaxdyn.data.tokenizer (bytes, EOS, PAD)
-    elif V is None:
-        V = max(int(d.max()) + 1 for d in docs() if d.size)
-        V = max(V, 256) if all(Path(p).suffix not in (".jsonl", ".npy") for p in args.data) else V
-    meta = build_tables(docs(), V, args.out, args.max_order, args.buffer, args.min_count,
-                        args.fingerprint)
-    print(json.dumps(meta, sort_keys=True))
-
-
-if __name__ == "__main__":
-    main()
+def builtin_docs(max_docs: int = 400, max_len: int = 4096, split: str = "train"
+                 ) -> list[np.ndarray]:
+    """The built-in corpus (`jaxdyn.data`, this interpreter's stdlib sources) as byte tokens
+    (V = 258, each document cut to `max_len` and ended by EOS = 256)."""
+    tok = byte_tokenizer()
+    texts = load_documents(DataConfig(max_documents=max_docs), split)
+    return [np.r_[d[:max_len - 1], tok.eos_id].astype(np.int32)
+            for d in tok.encode_batch(texts) if len(d) > 8]

@@ -122,7 +122,10 @@ def verify_steps(cfg: ModelConfig, n_heads: int, head_depth: int, sampling: Samp
         seen = _seen_of(tokens_BP, valid_BP, V) if penal else None
         c_B = sample(logits_nBV[0], jax.random.fold_in(rng, 0), sampling, seen)
         g_BJ, q_BJV = draft(logits_nBV[1:], jax.random.fold_in(rng, 1))
-        return jnp.concatenate([c_B[:, None], g_BJ], 1), q_BJV, out.cache, seen
+        # The next position comes out of the jitted step like every later one, so the decode
+        # step sees the same argument placement (committed or not) on every call: one compile.
+        block_Bn = jnp.concatenate([c_B[:, None], g_BJ], 1)
+        return block_Bn, pos_BP[:, -1] + 1, q_BJV, out.cache, seen
 
     def step(params, block_Bn, pos_B, cache, q_BJV, seen_BV, rng, it):
         B = block_Bn.shape[0]
@@ -202,8 +205,8 @@ def generate_verify(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[i
     prefill, step = verify_steps(cfg, n, head_depth, sampling)
     rng = jax.random.key(seed)
     t0 = time.perf_counter()
-    block, q, cache, seen = prefill(params, tokens, positions, valid,
-                                    init_mtp_cache(cfg, n, B, S, head_depth), rng)
+    block, pos, q, cache, seen = prefill(params, tokens, positions, valid,
+                                         init_mtp_cache(cfg, n, B, S, head_depth), rng)
     blk = np.asarray(block)
     t1 = time.perf_counter()
     out: list[list[int]] = [[] for _ in range(B)]
@@ -212,7 +215,6 @@ def generate_verify(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[i
         _finish(out, done, b, blk[b, :1], max_new_tokens, eos_id)
     if on_tokens:
         on_tokens(0, [list(o) for o in out])
-    pos = jnp.asarray(positions[:, -1] + 1)
     hist, reached, accepted = np.zeros(n + 1, np.int64), np.zeros(n - 1), np.zeros(n - 1)
     forwards = emitted = row_forwards = 0
     while not done.all():

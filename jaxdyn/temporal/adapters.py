@@ -1,4 +1,4 @@
-"""Temporal-causal adapters on a frozen decoder (DYNAMO design, temporal spec §1, §6, §9).
+"""Temporal-causal adapters on a frozen decoder (DYNAMO design, docs/features/temporal.md).
 
 `build(cfg, tcfg)` is the dense decoder trunk (`CausalLM`: same parameter names `embed`,
 `layers/...`, `final_norm`, `unembed`, so a backbone checkpoint loads in directly) with the

@@ -1,36 +1,28 @@
-"""Training and evaluation of temporal-causal (DYNAMO) adapters on TCG-Synth records.
+"""TCG-Synth records as static-shape batches: prompts, answers and fixed-layout graphs.
 
-Records (temporal spec §11.3) are loaded through HF `datasets`, tokenised as
-"Question: … Answer: <answer>\\n" (syllable tokens, byte fallback) and batched with their
-graphs into fixed-layout padded
-`jraph.GraphsTuple`s (static N_max, E_max: one compile). The loss is the answer-token CE plus
-λ·JS between the next-token distributions at τ and at τ′ inside the same graph regime (§7, log
-space). Only the trainable subtree updates (`optax.multi_transform` with `set_to_zero`).
+Records (docs/features/temporal.md) are tokenised as "Question: … Answer: <answer>\\n" (syllable
+tokens, byte fallback) and batched with their graphs into fixed-layout padded
+`jraph.GraphsTuple`s (static N_max, E_max: one compile). `RecordIterator` serves the rows of a
+process in a fresh order per epoch, resumably; `pretrain_arrays` / `renamed_text` make the
+plain-text batches a backbone is pretrained on.
 
-    python -m jaxdyn.experiments.temporal --preset small --out DIR   # uses everything here
-
-Dimension legend: B batch, T length, A answer slots, V vocab, N N_max, E E_max, Ln name length.
+Dimension legend: B batch, T length, A answer slots, N N_max, E E_max, Ln name length.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import time as _time
+import re
 import zlib
-from collections.abc import Callable
 
-import jax
-import jax.numpy as jnp
+import datasets
 import jraph
 import numpy as np
-import optax
 
-from jaxdyn.temporal.adapters import OPEN_END, years_to_tau
-from jaxdyn.temporal.synth import RELS, TYPES, t_years
+from jaxdyn.temporal.encoders import OPEN_END, years_to_tau
+from jaxdyn.temporal.synth import features
 from jaxdyn.temporal.tokenizer import tokenizer
+from jaxdyn.temporal.world import RELS, TYPES, make_names, t_years
 
 PAD = 0
 DAY_TAU = 1.0 / 3652.5  # one day in τ units
@@ -54,10 +46,6 @@ def tokenize(text: str) -> list[int]:
 
 def load_split(path: str, cache_dir: str | None = None) -> list[dict]:
     """One JSONL split through HF `datasets` (explicit features: nulls never break typing)."""
-    import datasets
-
-    from jaxdyn.temporal.synth import features
-
     ds = datasets.load_dataset("json", data_files=path, split="train", features=features(),
                                cache_dir=cache_dir)
     recs = ds.to_list()
@@ -149,8 +137,9 @@ def encode(recs: list[dict], sh: Shapes, date_in_prompt: bool = False,
     return out
 
 
-def make_graph(arr: dict, tau_B: np.ndarray | None = None) -> jraph.GraphsTuple:
-    """Fixed layout: example b owns node slots [b·N, (b+1)·N) and edge slots [b·E, (b+1)·E)."""
+def make_graph(arr: dict, tau_B=None) -> jraph.GraphsTuple:
+    """Fixed layout: example b owns node slots [b·N, (b+1)·N) and edge slots [b·E, (b+1)·E).
+    Works on numpy arrays (host) and on traced arrays inside `jit` alike."""
     B, N = arr["n_mask"].shape
     E = arr["e_mask"].shape[1]
     off = (np.arange(B, dtype=np.int32) * N)[:, None]
@@ -164,182 +153,99 @@ def make_graph(arr: dict, tau_B: np.ndarray | None = None) -> jraph.GraphsTuple:
         nodes=nodes, edges=edges, senders=flat(arr["e_snd"] + off),
         receivers=flat(arr["e_rcv"] + off), n_node=np.full(B, N, np.int32),
         n_edge=np.full(B, E, np.int32),
-        globals={"tau": np.asarray(arr["tau"] if tau_B is None else tau_B, np.float32)})
+        globals={"tau": (arr["tau"] if tau_B is None else tau_B).astype(np.float32)})
 
 
 def take(arr: dict, idx) -> dict:
     return {k: v[idx] for k, v in arr.items()}
 
 
-# ----------------------------------------------------------------------------- losses
+GRAPH_KEYS = ("tau", "n_tokens", "n_tok_mask", "n_type", "n_mask", "n_query", "n_entity",
+              "e_weight", "e_from", "e_to", "e_rel", "e_mask", "e_snd", "e_rcv")
 
 
-def js_divergence(logp: jax.Array, logq: jax.Array) -> jax.Array:
-    """JS(P‖Q) over the last axis from log-probabilities, in log space (0 ≤ JS ≤ ln 2)."""
-    logp, logq = logp.astype(jnp.float32), logq.astype(jnp.float32)
-    # log M = max + (log1p(exp(−|Δ|)) − log 2): exactly log P when P = Q, so JS(P, P) = 0.
-    gap = jnp.abs(logp - logq)
-    gap = jnp.where(jnp.isnan(gap), 0.0, gap)  # both −inf
-    logm = jnp.maximum(logp, logq) + (jnp.log1p(jnp.exp(-gap)) - math.log(2.0))
-    term = lambda lx: jnp.where(lx > -jnp.inf, jnp.exp(lx) * (lx - logm), 0.0)  # 0·log 0 = 0
-    kl_pm, kl_qm = jnp.sum(term(logp), axis=-1), jnp.sum(term(logq), axis=-1)
-    return 0.5 * kl_pm + 0.5 * kl_qm
+def renamed_text(rec: dict, rng: np.random.Generator) -> tuple[str, str]:
+    """(prompt, answer) text of the record with its query entities given fresh names."""
+    names = {n["id"]: n["name"] for n in rec["graph"]["nodes"]}
+    old = [names[q] for q in rec["query_nodes"]]
+    table = dict(zip(old, make_names(rng, len(old)), strict=True))
+    pat = re.compile(r"\b(" + "|".join(map(re.escape, old)) + r")\b")
+    sub = lambda text: pat.sub(lambda m: table[m.group(1)], text)
+    return sub(prompt_text(rec)), sub(answer_text(rec["answer"]))
 
 
-def answer_logprobs(out, ans_pos_BA: jax.Array) -> jax.Array:
-    """log-softmax [B, A, V] at the answer positions only (never the [B, T, V] logits)."""
-    h_BAD = jnp.take_along_axis(out.hidden, ans_pos_BA[..., None], axis=1)
-    logits = jnp.einsum("bad,dv->bav", h_BAD, out.unembed.astype(h_BAD.dtype),
-                        preferred_element_type=jnp.float32)
-    return jax.nn.log_softmax(logits, axis=-1)
+def pretrain_arrays(pairs: list[tuple[str, str]], seq_len: int,
+                    prompt_weight: float) -> dict[str, np.ndarray]:
+    """`tokens` [n, T] and `weights` [n, T]: the loss weight of the target token t (predicted
+    at t-1): 1 for answer tokens, `prompt_weight` for prompt tokens, 0 for padding and t = 0."""
+    toks = np.zeros((len(pairs), seq_len), np.int32)
+    wts = np.zeros((len(pairs), seq_len), np.float32)
+    for i, (prompt, answer) in enumerate(pairs):
+        n_p, b = len(tokenize(prompt)), tokenize(prompt + answer)[:seq_len]
+        toks[i, :len(b)] = b
+        wts[i, 1:len(b)] = prompt_weight
+        wts[i, n_p:len(b)] = 1.0
+    return {"tokens": toks, "weights": wts}
 
 
-def masked_mean_js(logp, logq, ans_mask_BA, ex_mask_B) -> jax.Array:
-    """JS averaged over answer tokens, then over the examples kept by `ex_mask_B`."""
-    js_B = jnp.sum(js_divergence(logp, logq) * ans_mask_BA, 1) / jnp.maximum(
-        ans_mask_BA.sum(1), 1.0)
-    return jnp.sum(js_B * ex_mask_B) / jnp.maximum(ex_mask_B.sum(), 1.0)
+class RecordIterator:
+    """Infinite iterator of `rows`-row batches of this process's examples (index %
+    process_count == process_index), in a fresh order per epoch drawn from (seed, epoch).
+
+    `arrays(epoch)` gives the examples of an epoch as {name: [n, ...]} (the same n every
+    epoch; it may change their content, e.g. fresh names). `state()` / `restore()` make it
+    resumable like the text iterator.
+    """
+
+    def __init__(self, arrays, n: int, rows: int, seed: int, process_index: int = 0,
+                 process_count: int = 1):
+        self.arrays, self.rows, self.seed = arrays, rows, int(seed)
+        self.local = np.arange(process_index, n, process_count)
+        if len(self.local) < rows:
+            raise ValueError(f"{len(self.local)} examples on process {process_index} are fewer "
+                             f"than the {rows} rows of a batch; generate more records")
+        self._epoch, self._index, self._cached = 0, 0, (-1, None)
+
+    def _epoch_data(self):
+        if self._cached[0] != self._epoch:
+            order = np.random.default_rng((self.seed, self._epoch)).permutation(self.local)
+            self._cached = (self._epoch, (order, self.arrays(self._epoch)))
+        return self._cached[1]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._index + self.rows > len(self.local):  # the rest of an epoch is dropped
+            self._epoch, self._index = self._epoch + 1, 0
+        order, arrays = self._epoch_data()
+        idx = order[self._index:self._index + self.rows]
+        self._index += self.rows
+        return take(arrays, idx)
+
+    def state(self) -> dict:
+        return {"epoch": self._epoch, "index": self._index}
+
+    def restore(self, state: dict) -> None:
+        self._epoch, self._index = int(state["epoch"]), int(state["index"])
 
 
-# ----------------------------------------------------------------------------- training
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Adapter training (spec §8); CPU presets raise lr and shorten the run."""
-
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 1e-4
-    warmup_frac: float = 0.1
-    weight_decay: float = 0.01
-    clip: float = 1.0
-    lam: float = 0.1  # λ of the JS regulariser
-    reg_mode: str = "within"  # within | all_pairs | none
-    use_time: bool = True  # False: the "without Time2Vec" ablation (time=None)
-    use_graph: bool = True  # False: the "without GNN" ablation (graph=None)
-    seed: int = 0
-    log_every: int = 50
-
-
-Forward = Callable[..., object]  # (params, tokens_BT, time_B | None, graph | None) -> ModelOutput
-
-
-def labels_for(params, trainable: Callable[[tuple], bool]):
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: "train" if trainable(p) else "frozen", params)
-
-
-def decay_mask(params):
-    """Weight decay on matrices only: not on biases, norms, embeddings tables or Time2Vec."""
-    def rule(path, _):
-        keys = [getattr(k, "key", "") for k in path]
-        return ("time2vec" not in keys) and (keys[-1].startswith("W_") or keys[-1] in
-                                              ("kernel", "lora_a", "lora_b"))
-    return jax.tree_util.tree_map_with_path(rule, params)
-
-
-def make_optimizer(params, tc: TrainConfig, trainable):
-    sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(1, int(tc.warmup_frac *
-                                               tc.steps)), max(tc.steps, 2), 0.0)
-    adamw = optax.chain(optax.clip_by_global_norm(tc.clip),
-                        optax.adamw(sched, 0.9, 0.999, weight_decay=tc.weight_decay,
-                                    mask=decay_mask))
-    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
-                                 labels_for(params, trainable))
-
-
-def trainable_fraction(params, trainable) -> tuple[int, int]:
-    """(trainable, frozen) parameter counts."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    n_t = sum(int(np.prod(x.shape)) for p, x in flat if trainable(p))
-    return n_t, sum(int(np.prod(x.shape)) for _, x in flat) - n_t
-
-
-def loss_fn(params, batch, graph, rng, forward: Forward, tc: TrainConfig, trainable):
-    """CE on answer tokens + λ·JS(P_τ ‖ P_τ′); frozen leaves get exactly zero gradient."""
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, x: x if trainable(p) else jax.lax.stop_gradient(x), params)
-    tau = batch["tau"]
-    time = tau if tc.use_time else None
-    g = graph if tc.use_graph else None
-    logp = answer_logprobs(forward(params, batch["tokens"], time, g), batch["ans_pos"])
-    m = batch["ans_mask"]
-    nll = -jnp.take_along_axis(logp, batch["ans_tok"][..., None], axis=-1)[..., 0]
-    ce = jnp.sum(nll * m) / jnp.maximum(m.sum(), 1.0)
-    reg = jnp.zeros((), jnp.float32)
-    active = tc.lam > 0 and tc.reg_mode != "none" and (tc.use_time or tc.reg_mode == "all_pairs")
-    if active:
-        a, b = batch["regime"][:, 0], batch["regime"][:, 1]
-        if tc.reg_mode == "within":
-            tau2 = a + jax.random.uniform(rng, a.shape) * (b - a)
-            keep = (b - a >= DAY_TAU).astype(jnp.float32)
-        else:  # all_pairs: a random other example's time, no regime (ablation only)
-            tau2 = tau[jax.random.permutation(rng, tau.shape[0])]
-            keep = jnp.ones_like(tau)
-        g2 = None if g is None else g._replace(globals={"tau": tau2})
-        logq = answer_logprobs(forward(params, batch["tokens"], tau2 if tc.use_time else None,
-                                       g2), batch["ans_pos"])
-        reg = masked_mean_js(logp, logq, m, keep)
-    return ce + tc.lam * reg, {"ce": ce, "reg": reg}
-
-
-def group_norms(grads, trainable) -> dict[str, jax.Array]:
-    """Gradient norm per trainable group (`temporal/time2vec`, `temporal/graph`, …)."""
-    out = {}
-    for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-        if trainable(p):
-            keys = [getattr(k, "key", "") for k in p]
-            name = "/".join(keys[:2])
-            out[name] = out.get(name, 0.0) + jnp.sum(jnp.square(g.astype(jnp.float32)))
-    return {f"grad_norm/{k}": jnp.sqrt(v) for k, v in out.items()}
-
-
-def train_temporal(forward: Forward, params, data: dict, tc: TrainConfig,
-                   trainable: Callable[[tuple], bool], out_dir: str | None = None,
-                   name: str = "run", log: Callable[[str], None] = print):
-    """AdamW on the trainable subtree only; returns (params, history of logged metrics)."""
-    n_t, n_f = trainable_fraction(params, trainable)
-    frac = n_t / max(n_f, 1)
-    log(f"[{name}] trainable params {n_t:,} / frozen {n_f:,} = {100 * frac:.3f}% of the backbone")
-    opt = make_optimizer(params, tc, trainable)
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state, batch, graph, rng):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params, batch, graph, rng, forward, tc, trainable)
-        upd, state = opt.update(grads, state, params)
-        aux = {**aux, "loss": loss, **group_norms(grads, trainable)}
-        return optax.apply_updates(params, upd), state, aux
-
-    rng = np.random.default_rng(tc.seed)
-    key = jax.random.key(tc.seed)
-    n = data["tokens"].shape[0]
-    hist, t0 = [], _time.time()
-    writer = None if out_dir is None else open(os.path.join(out_dir, "metrics.jsonl"), "a")
-    if writer:
-        writer.write(json.dumps({"step": 0, "run": name, "trainable_params": n_t,
-                                 "frozen_params": n_f, "trainable_fraction": frac}) + "\n")
-    for s in range(1, tc.steps + 1):
-        idx = rng.choice(n, size=tc.batch_size, replace=False)
-        batch = take(data, idx)
-        graph = make_graph(batch)
-        dev = {k: batch[k] for k in ("tokens", "ans_pos", "ans_tok", "ans_mask", "tau",
-                                     "regime")}
-        params, state, aux = step(params, state, dev, graph, jax.random.fold_in(key, s))
-        if s % tc.log_every == 0 or s == tc.steps:
-            row = {k: float(v) for k, v in jax.device_get(aux).items()}
-            if not np.isfinite(row["loss"]):
-                raise FloatingPointError(f"[{name}] non-finite loss at step {s}")
-            row.update(step=s, run=name, time=round(_time.time() - t0, 2))
-            hist.append(row)
-            log(f"[{name}] step {s} loss {row['loss']:.4f} ce {row['ce']:.4f} "
-                f"reg {row['reg']:.5f} ({row['time']:.0f}s)")
-            if writer:
-                writer.write(json.dumps({f"train/{k}" if k not in ("step", "run", "time") else k:
-                                         v for k, v in row.items()}, allow_nan=False) + "\n")
-                writer.flush()
-    if writer:
-        writer.close()
-    return params, hist
+def fixed_batches(arrays: dict[str, np.ndarray], rows: int, max_batches: int,
+                  process_index: int = 0, process_count: int = 1) -> list[dict]:
+    """Consecutive `rows`-row batches (the last one padded by repeating its final row; its
+    padding rows weigh 0 through `ans_mask`/`weights`), this process's rows of each."""
+    n = len(next(iter(arrays.values())))
+    out = []
+    for s in range(0, n, rows):
+        idx = np.arange(s, min(s + rows, n))
+        pad = np.full(rows - len(idx), idx[-1])
+        b = take(arrays, np.concatenate([idx, pad]))
+        for k in ("ans_mask", "weights"):
+            if k in b and len(pad):
+                b[k] = b[k].copy()
+                b[k][len(idx):] = 0
+        local = rows // process_count
+        out.append(take(b, slice(process_index * local, (process_index + 1) * local)))
+        if max_batches and len(out) >= max_batches:
+            break
+    return out

@@ -1,4 +1,5 @@
-"""Conditioning encoders of the temporal adapters (temporal spec §1–§5): what φ(τ) and f_g are.
+"""Conditioning encoders of the temporal adapters (docs/features/temporal.md): what φ(τ) and
+f_g are.
 
 - `TemporalConfig`: widths and switches of the whole temporal pathway.
 - `Time2Vec` (Kazemi et al., 2019): φ(τ) = [ω₀τ + ϕ₀, sin(ω_k τ + ϕ_k)], log-spaced periods.
@@ -6,7 +7,7 @@
 - `GraphEncoder`: weighted, relational, bidirectional GCN (Kipf & Welling 2017; R-GCN,
   Schlichtkrull et al. 2018) with symmetric degree normalisation on a fixed-layout padded
   `jraph.GraphsTuple`, and a masked-mean ‖ attention-pooled readout. Only `jax.ops.segment_*`
-  is used (jraph's padding helpers crash on current JAX, spec §4).
+  is used (jraph's padding helpers crash on current JAX, docs/features/temporal.md).
 
 Dimension legend: B batch (= graphs), d_t Time2Vec width, d_n node width, d_g graph width,
 Nn = B·N_max node slots, E = B·E_max edge slots, Ln name tokens per node, R relations.
@@ -33,23 +34,23 @@ GELU_LIP = 1.129  # max |GELU'(x)| (exact GELU, at x = √2)
 class TemporalConfig:
     """Widths and switches of the temporal pathway; defaults are the spec's."""
 
-    d_t: int = 64  # Time2Vec width
-    periodic: str = "sin"  # "sin" (paper) | "sincos" (README)
-    period_min: float = 1 / 12  # years
-    period_max: float = 50.0  # years
-    d_n: int = 128  # node width
-    d_g: int = 128  # graph summary width
-    gcn_layers: int = 2
-    n_rel: int = 4  # leads, hq_in, supplies, belongs_to
-    n_types: int = 4  # company, person, city, sector
+    d_t: int = 64  # Time2Vec width d_t
+    periodic: str = "sin"  # "sin" (Kazemi et al.) | "sincos" (sin and cos halves)
+    period_min: float = 1 / 12  # shortest Time2Vec period at init, years
+    period_max: float = 50.0  # longest Time2Vec period at init, years
+    d_n: int = 128  # GCN node width d_n
+    d_g: int = 128  # graph summary width d_g
+    gcn_layers: int = 2  # L_g message-passing layers
+    n_rel: int = 4  # relations: leads, hq_in, supplies, belongs_to
+    n_types: int = 4  # node types: company, person, city, sector
     n_roles: int = 3  # query role of a node: 0 none, 1 subject, 2 candidate
     rank: int = 64  # adapter bottleneck r
-    token_conditioned: bool = False
-    adapter_layers: tuple[int, ...] | None = None  # None: every layer
-    edge_mode: str = "hard"  # "hard" | "soft"
-    soft_temp: float = 0.01  # T_s in τ units (0.1 year)
-    readout: str = "attn"  # "attn" (segment-softmax pooling) | "mean"
-    id_table: int = 0  # >0: opt-in learned per-entity table with this many rows
+    token_conditioned: bool = False  # add W_h·RMSNorm(Block(H)) (per-token ΔH; ≈2x params)
+    adapter_layers: tuple[int, ...] = ()  # decoder layers with an adapter; () = every layer
+    edge_mode: str = "hard"  # "hard" a_e = w·1[from ≤ τ < to] | "soft" sigmoid window (∂/∂τ)
+    soft_temp: float = 0.01  # T_s of the soft window, τ units (0.1 year)
+    readout: str = "attn"  # "attn" (segment-softmax pooling of query nodes) | "mean"
+    id_table: int = 0  # > 0: opt-in learned per-entity table with this many rows
     time_init: float = 1.0  # scale of W_t's LeCun-normal init (0: time pathway starts silent)
 
     def __post_init__(self):
@@ -60,12 +61,11 @@ class TemporalConfig:
                         (self.time_init >= 0, f"time_init={self.time_init} must be >= 0")]:
             if not ok:
                 raise ConfigError(f"TemporalConfig: unsupported {msg}")
-        if self.adapter_layers is not None:
-            object.__setattr__(self, "adapter_layers", tuple(self.adapter_layers))
+        object.__setattr__(self, "adapter_layers", tuple(self.adapter_layers or ()))
 
     def layer_slots(self, num_layers: int) -> np.ndarray:
         """[L] index of each layer's adapter in the [L_a, …] stack, −1 where unadapted."""
-        chosen = range(num_layers) if self.adapter_layers is None else self.adapter_layers
+        chosen = self.adapter_layers or range(num_layers)
         slots = -np.ones(num_layers, np.int32)
         for k, layer in enumerate(sorted(set(chosen))):
             if not 0 <= layer < num_layers:
@@ -167,6 +167,7 @@ class GraphEncoder(nn.Module):
     def __call__(self, graph: jraph.GraphsTuple, embed_VD: jax.Array) -> jax.Array:
         """f_g [G, d_g]; edges are activated at the graph's query time `graph.globals['tau']`."""
         c = self.cfg
+        graph = jax.tree.map(jnp.asarray, graph)  # host arrays may meet traced indices below
         tau_B = graph.globals["tau"]
         nodes, edges = graph.nodes, graph.edges
         Nn, E, G = nodes["mask"].shape[0], edges["mask"].shape[0], graph.n_node.shape[0]

@@ -1,19 +1,21 @@
-"""Generation conditioned on a date and a causal graph (temporal spec §1, issue 6 "Use").
+"""Generation conditioned on a date and a causal graph (temporal adapters).
 
     python -m jaxdyn.generate --checkpoint DIR --prompt "Who leads Vornex: A, B or C?" \
         --time 2025-06-02 --graph graph.json
 
     from jaxdyn.temporal.generate import load_temporal, generate_conditioned
-    model = load_temporal("runs/temporal/checkpoint")
+    model = load_temporal("runs/temporal-tiny")
     text = generate_conditioned(model, "Question: Who leads Vornex: … Answer:", "2025-06-02",
                                 graph_json)
 
-A temporal checkpoint folder holds `model_config.json`, `temporal_config.json` (the
-`TemporalConfig`, the batch `Shapes` and the tokenizer name) and `params/` (backbone and
-`temporal/...`), written by `save_temporal`. The graph file uses the record schema's graph
-(`{"nodes": [...], "edges": [...]}`), optionally with `"query_nodes"` (subject first), or is a
-whole TCG-Synth record. Decoding is greedy and recomputes the padded [1, T] window per token
-(static shapes, one compile): the temporal checkpoints are tiny models.
+A temporal checkpoint is a training workdir of the `temporal` objective (its `config.json`
+holds the `temporal` and `shapes` blocks) or a model folder (`model_config.json` + `params/`)
+with `temporal_config.json` (`TemporalConfig`, batch `Shapes`, tokenizer name), written by
+`save_temporal`. The
+graph file uses the record schema's graph (`{"nodes": [...], "edges": [...]}`), optionally with
+`"query_nodes"` (subject first), or is a whole TCG-Synth record. Decoding is greedy and
+recomputes the padded [1, T] window per token (static shapes, one compile): the temporal
+checkpoints are tiny models.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdyn.checkpoint import load_model, save_params
 from jaxdyn.model import ModelConfig
 from jaxdyn.temporal import adapters as tm
 from jaxdyn.temporal.batching import Shapes, empty_graph_arrays, fill_graph, make_graph, tokenize
-from jaxdyn.temporal.synth import t_years
 from jaxdyn.temporal.tokenizer import tokenizer
+from jaxdyn.temporal.world import t_years
 
 TEMPORAL_JSON = "temporal_config.json"
 TOKENIZER = "tcg_syllable"  # jaxdyn.temporal.tokenizer
@@ -49,9 +52,8 @@ class TemporalModel:
 
 def save_temporal(path: str, cfg: ModelConfig, tcfg: tm.TemporalConfig, shapes: Shapes,
                   params) -> None:
-    """Write a temporal checkpoint folder (params atomically via orbax, configs as JSON)."""
-    from jaxdyn.checkpoint import save_params
-
+    """Write a model folder (`model_config.json` + `params/`, as `conversion import` does)
+    with the `temporal_config.json` that makes it a temporal checkpoint."""
     os.makedirs(path, exist_ok=True)
     save_params(os.path.join(path, "params"), jax.device_get(params))
     cfg.save(os.path.join(path, "model_config.json"))
@@ -64,26 +66,40 @@ def save_temporal(path: str, cfg: ModelConfig, tcfg: tm.TemporalConfig, shapes: 
 
 
 def is_temporal_checkpoint(path: str) -> bool:
-    return os.path.exists(os.path.join(path, TEMPORAL_JSON))
+    """A folder with `temporal_config.json`, or a workdir trained with the adapters on."""
+    if os.path.exists(os.path.join(path, TEMPORAL_JSON)):
+        return True
+    run = _run_config(path)
+    return bool(run) and run.get("train", {}).get("objective") == "temporal" and \
+        "temporal" in run
+
+
+def _run_config(path: str) -> dict:
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def load_temporal(path: str) -> TemporalModel:
-    """Read a folder written by `save_temporal` (clear error for anything else)."""
-    from jaxdyn.checkpoint import load_params
-
+    """Read a temporal checkpoint (see the module doc; a clear error for anything else)."""
     if not is_temporal_checkpoint(path):
-        raise FileNotFoundError(f"{path!r} has no {TEMPORAL_JSON}: --time/--graph need a "
-                                "temporal checkpoint (python -m jaxdyn.experiments.temporal "
-                                "writes one to <out>/checkpoint)")
-    with open(os.path.join(path, TEMPORAL_JSON)) as f:
-        meta = json.load(f)
-    if meta.get("tokenizer") != TOKENIZER:
-        raise ValueError(f"unsupported tokenizer {meta.get('tokenizer')!r} in {path}")
-    t = meta["temporal"]
-    t["adapter_layers"] = None if t["adapter_layers"] is None else tuple(t["adapter_layers"])
-    cfg = ModelConfig.load(os.path.join(path, "model_config.json"))
-    return TemporalModel(cfg, tm.TemporalConfig(**t), Shapes(**meta["shapes"]),
-                         load_params(os.path.join(path, "params")))
+        raise FileNotFoundError(f"{path!r} is not a temporal checkpoint: --time/--graph need a "
+                                "workdir trained with configs/temporal.py or a folder with "
+                                f"{TEMPORAL_JSON}")
+    if os.path.exists(os.path.join(path, TEMPORAL_JSON)):
+        with open(os.path.join(path, TEMPORAL_JSON)) as f:
+            meta = json.load(f)
+        if meta.get("tokenizer") != TOKENIZER:
+            raise ValueError(f"unsupported tokenizer {meta.get('tokenizer')!r} in {path}")
+        tblock, sblock = meta["temporal"], meta["shapes"]
+    else:
+        run = _run_config(path)
+        tblock, sblock = run["temporal"], run["shapes"]
+    cfg, params, _ = load_model(path)
+    tblock = {**tblock, "adapter_layers": tuple(tblock.get("adapter_layers") or ())}
+    return TemporalModel(cfg, tm.TemporalConfig(**tblock), Shapes(**sblock), params)
 
 
 def parse_date(date: str) -> str:
@@ -103,7 +119,8 @@ def read_graph(graph: str | dict) -> tuple[dict, list[str] | None]:
     g = graph.get("graph", graph)
     if not isinstance(g, dict) or "nodes" not in g or "edges" not in g:
         raise ValueError("the graph must be {\"nodes\": [...], \"edges\": [...]} (record "
-                         "schema, temporal spec §11.3) or a record holding one under \"graph\"")
+                         "schema, docs/features/temporal.md) or a record holding one under "
+                         "\"graph\"")
     return g, query
 
 
@@ -163,21 +180,3 @@ def generate_conditioned(model: TemporalModel, prompt: str, time: str | None = N
         if stop and stop in text:
             return text[:text.index(stop)]
     return tokenizer().decode(new)
-
-
-def cli(args) -> None:
-    """`python -m jaxdyn.generate --checkpoint DIR --prompt … --time … --graph …` (greedy)."""
-    from jaxdyn.decode.generate import read_prompts, truncate_at_stop
-
-    if (args.temperature or 0.0) != 0.0 or args.top_k or (args.top_p or 1.0) != 1.0 or \
-            getattr(args, "mode", "plain") != "plain":
-        raise SystemExit("temporal generation is greedy, plain mode; drop --temperature/"
-                         "--top_k/--top_p/--mode")
-    try:
-        model = load_temporal(args.checkpoint)
-        for text in read_prompts(args.prompt, args.prompts):
-            out = generate_conditioned(model, text, args.time, args.graph, args.max_new_tokens)
-            print(f"=== {text!r} @ {args.time} graph={args.graph}\n"
-                  f"{truncate_at_stop(out, args.stop)[0]}")
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None

@@ -1,4 +1,4 @@
-"""Evaluation of temporal-causal adapters on TCG-Synth (temporal spec §11.6).
+"""Evaluation of temporal-causal adapters on TCG-Synth (docs/features/temporal.md).
 
 Exact match is greedy decoding of the answer, computed exactly by teacher forcing: greedy
 decoding emits the answer string (and its "\\n" terminator) iff the argmax at every answer
@@ -19,15 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdyn.temporal.batching import (
-    DAY_TAU,
-    Shapes,
-    answer_logprobs,
-    encode,
-    js_divergence,
-    make_graph,
-    take,
-)
+from jaxdyn.temporal.batching import DAY_TAU, Shapes, encode, make_graph, take
+from jaxdyn.temporal.objective import answer_logprobs, js_divergence
 
 
 def _batches(n: int, bs: int):

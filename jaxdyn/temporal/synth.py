@@ -1,4 +1,4 @@
-"""TCG-Synth: a synthetic time-scoped causal-graph QA benchmark (temporal spec §11).
+"""TCG-Synth: a synthetic time-scoped causal-graph QA benchmark (docs/features/temporal.md).
 
 Every answer is computable from its record alone (`answer_from_record`), so the DYNAMO-style
 temporal-causal adapters can be tested on data where the right answer is known. A world of
@@ -7,14 +7,12 @@ companies, people, cities and sectors carries time-scoped edges (`leads`, `hq_in
 (F2, ≤2-hop max-product propagation), how many suppliers are active (F3), or the same at two
 times (F4 pairs). Deterministic: numpy `default_rng(seed)`.
 
-    python -m jaxdyn.temporal.synth --out DIR --seed 0
+    python -m jaxdyn.temporal synth --out DIR --seed 0
 """
 
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 from collections import defaultdict
@@ -291,22 +289,3 @@ def write(out_dir: str, splits: dict[str, list[dict]], meta: dict) -> None:
                 f.write(json.dumps(r, allow_nan=False) + "\n")
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump({**meta, "counts": {k: len(v) for k, v in splits.items()}}, f, indent=2)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    for f in dataclasses.fields(SynthConfig):
-        if f.type in ("int", int):
-            ap.add_argument("--" + f.name.replace("_", "-"), type=int, default=f.default)
-    args = ap.parse_args(argv)
-    sc = SynthConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SynthConfig)
-                        if hasattr(args, f.name)})
-    splits = generate(sc, args.seed)
-    write(args.out, splits, {"seed": args.seed, "config": dataclasses.asdict(sc)})
-    print(json.dumps({k: len(v) for k, v in splits.items()}))
-
-
-if __name__ == "__main__":
-    main()

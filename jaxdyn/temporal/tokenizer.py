@@ -12,19 +12,25 @@ from __future__ import annotations
 import functools
 import re
 
-from jaxdyn.temporal.synth import CODAS, CONSONANTS, TEMPLATES, VOWELS
+from jaxdyn.data.tokenizer import Tokenizer, register_tokenizer
+from jaxdyn.temporal.world import CODAS, CONSONANTS, TEMPLATES, VOWELS
 
 PAD = 0
+KIND = "tcg_syllable"
 _PIECE = re.compile(r" ?[A-Za-z]+| ?[0-9]| ?[^A-Za-z0-9 ]| ")
 _WORDS = ("Question Answer Date Who What Which How A the of is by leads head runs hit hardest "
           "most disruption hits fails suffers shock at spreads many active suppliers does have "
           "firms supply now Count or")
 
 
-class SyllableTokenizer:
-    """encode(text) -> ids and decode(ids) -> text; `vocab_size` is a multiple of 128."""
+class SyllableTokenizer(Tokenizer):
+    """encode(text) -> ids and decode(ids) -> text; `vocab_size` is a multiple of 128. The
+    "\\n" that ends every answer doubles as EOS; id 0 (byte NUL) is padding."""
+
+    kind = KIND
 
     def __init__(self):
+        self.bos_id, self.eos_id, self.pad_id = None, ord("\n"), PAD
         words = set(_WORDS.split())
         for fam in TEMPLATES.values():
             for t in fam:
@@ -80,6 +86,17 @@ class SyllableTokenizer:
         return "".join(text)
 
 
+    def save(self, directory: str) -> None:
+        """Writes only `jaxdyn_tokenizer.json` (the vocabulary is fixed by the generator)."""
+        self._write_meta(directory)
+
+    def fingerprint(self) -> str:
+        return "tcg-syllable-v1"
+
+
 @functools.lru_cache(maxsize=1)
 def tokenizer() -> SyllableTokenizer:
     return SyllableTokenizer()
+
+
+register_tokenizer(KIND, tokenizer)

@@ -1,4 +1,5 @@
-"""TCG-Synth world: entities, time-scoped edge rows and the answers they imply (spec §11.1–2).
+"""TCG-Synth world: entities, time-scoped edge rows and the answers they imply
+(docs/features/temporal.md).
 
 Days are proleptic ordinals; an edge row is {src, dst, rel, weight, from, to} with `to` None for
 an open end. `answer_at` computes F1 (who leads), F2 (≤2-hop max-product supply shock) and F3
@@ -50,6 +51,8 @@ class SynthConfig:
     n_max: int = 64  # node cap per record graph
     e_max: int = 256  # edge cap per record graph
     family_mix: tuple[float, float, float, float] = (0.35, 0.35, 0.15, 0.15)  # F1..F4
+    seed: int = 0  # numpy default_rng seed of the generator
+    data_dir: str = ""  # read the splits from here (JSONL); "" = generate them in memory
 
 
 def to_date(day: int) -> str:
@@ -61,7 +64,7 @@ def to_day(date: str) -> int:
 
 
 def t_years(date: str) -> float:
-    """year + (day_of_year − 1)/days_in_year (spec §1)."""
+    """year + (day_of_year − 1)/days_in_year (docs/features/temporal.md)."""
     d = dt.date.fromisoformat(date)
     n = (dt.date(d.year + 1, 1, 1) - dt.date(d.year, 1, 1)).days
     return d.year + (d.timetuple().tm_yday - 1) / n

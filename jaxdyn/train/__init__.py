@@ -1,18 +1,16 @@
-"""The trainer: `python -m jaxdyn.train --config configs/<exp>.py[:preset] --workdir DIR`."""
+"""The trainer: `python -m jaxdyn.train --config configs/<exp>.py[:preset] --workdir DIR`.
 
-from jaxdyn.train.loop import (
-    CheckpointMismatchError,
-    NonFiniteLossError,
-    TrainState,
-    abstract_train_state,
-    create_train_state,
-    evaluate,
-    main,
-    make_eval_step,
-    make_train_step,
-    train_and_evaluate,
-)
+One loop (`loop.train_and_evaluate`), one step (`step.make_train_step`), one optimizer
+builder (`optim.make_optimizer`) and pluggable objectives (`objectives`: `lm`, `mtp`,
+`temporal`).
+"""
 
-__all__ = ["CheckpointMismatchError", "NonFiniteLossError", "TrainState",
-           "abstract_train_state", "create_train_state", "evaluate", "main", "make_eval_step",
-           "make_train_step", "train_and_evaluate"]
+from jaxdyn.train.init import CheckpointMismatchError
+from jaxdyn.train.loop import NonFiniteLossError, train_and_evaluate
+from jaxdyn.train.objectives import OBJECTIVES, make_objective
+from jaxdyn.train.state import TrainState, abstract_train_state, create_train_state
+from jaxdyn.train.step import evaluate, make_eval_step, make_train_step
+
+__all__ = ["OBJECTIVES", "CheckpointMismatchError", "NonFiniteLossError", "TrainState",
+           "abstract_train_state", "create_train_state", "evaluate", "make_eval_step",
+           "make_objective", "make_train_step", "train_and_evaluate"]

@@ -1,3 +1,3 @@
-from jaxdyn.train.loop import main
+from jaxdyn.cli.train import main
 
 main()

@@ -1,4 +1,4 @@
-"""Model FLOPs and MFU (JAX practices spec §13).
+"""Model FLOPs and MFU (docs/training.md).
 
 Training counts 3× the forward pass (remat recompute excluded). Routed layers count at their
 capacity k (see `jaxdyn.model.routing.flops`); the dense-equivalent figure counts every layer

@@ -1,198 +1,54 @@
-"""Training: `python -m jaxdyn.train --config configs/<exp>.py[:preset] --workdir DIR`.
+"""The training loop: `train_and_evaluate(cfg, workdir)`.
 
-`main` parses flags and calls `train_and_evaluate(cfg, workdir)`. The pieces are importable:
-`create_train_state(cfg, rng)` builds the state, `make_train_step(cfg)` the pure step (jit it
-with shardings from a mesh), `make_eval_step(cfg)` the validation step. Rerunning the same
-command in the same workdir resumes from the newest checkpoint, data position included.
+Rerunning the same command in the same workdir resumes from the newest checkpoint, data
+position included. The loop is objective-agnostic: what is trained (the model, its
+parameters, loss, data, trainable set and closing sample) comes from `train.objective`
+(`jaxdyn.train.objectives`); everything else (mesh and sharding rules, gradient accumulation,
+checkpoints, resume, preemption, metrics, validation) is the same for every run.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import sys
 import time
-from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
-import numpy as np
-import optax
 from tqdm import tqdm
 
 from jaxdyn import distributed, sharding
 from jaxdyn.checkpoint import Checkpointer
-from jaxdyn.config import loader as configlib
-from jaxdyn.model import build, param_count
-from jaxdyn.model.loss import lm_loss
-from jaxdyn.multitoken import train_hooks as mtp_train
-from jaxdyn.train import flops
+from jaxdyn.model import param_count
+from jaxdyn.model.lora import merge_lora
+from jaxdyn.model.units import flatten_aux
+from jaxdyn.train import flops, schema
+from jaxdyn.train.init import check_init_checkpoint, dense_transfer_source, initial_params
 from jaxdyn.train.metrics import MetricsWriter
-from jaxdyn.train.optim import init_lora, make_optimizer, make_schedule, merge_lora, trainable_mask
+from jaxdyn.train.objectives import LanguageModel, make_objective
+from jaxdyn.train.optim import trainable_mask
 from jaxdyn.train.setup import (
-    CheckpointMismatchError,
     Preemption,
     accum_sharding,
     apply_debug_switches,
-    check_init_checkpoint,
-    dense_transfer_source,
     gather_data_state,
     host_params,
-    make_data,
     make_mesh,
     make_tokenizer_for,
     restore_data_state,
     stack_batches,
     write_run_files,
 )
-
-__all__ = ["CheckpointMismatchError", "NonFiniteLossError", "TrainState", "create_train_state",
-           "evaluate", "main", "make_eval_step", "make_train_step", "train_and_evaluate"]
+from jaxdyn.train.state import (
+    abstract_train_state,
+    create_train_state,
+    trainable_rules,
+)
+from jaxdyn.train.step import evaluate, make_eval_step, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/Inf; nothing is saved after it."""
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # optimizer steps taken
-    params: Any  # {"params": model params, "lora": LoRA factors or {}}
-    opt_state: Any
-    nonfinite_step: jax.Array  # first step whose loss was NaN/Inf; -1 while all are finite
-    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-
-
-def state_shardings(cfg: mlc.ConfigDict, mesh, tree: Any, tx, opt_state: Any) -> TrainState:
-    """Shardings of a TrainState: params by the logical-axis rules, optimizer moments like the
-    params they mirror, LoRA factors and scalars replicated."""
-    rep = sharding.replicated(mesh)
-    tree_sh = {"params": mtp_train.param_shardings(cfg, mesh),
-               "lora": jax.tree.map(lambda _: rep, tree["lora"])}
-    masked = lambda x: isinstance(x, optax.MaskedNode)  # other LR groups' slots (lr_groups)
-    opt_sh = optax.tree_map_params(tx, lambda p, s: p if masked(p) else s, opt_state, tree_sh,
-                                   transform_non_params=lambda _: rep, is_leaf=masked)
-    return TrainState(step=rep, params=tree_sh, opt_state=opt_sh, nonfinite_step=rep, tx=tx)
-
-
-def create_train_state(cfg: mlc.ConfigDict, rng: jax.Array, *, params: Any = None,
-                       mesh: jax.sharding.Mesh | None = None) -> TrainState:
-    """Fresh state of a finalized config: `params` (else random / `init.checkpoint`), LoRA
-    factors, optimizer state; placed on `mesh` by the sharding rules (default: cfg.mesh)."""
-    mesh = mesh or make_mesh(cfg)
-    k_init, k_lora = jax.random.split(rng)
-    if params is None:
-        # params are created/read straight into their shardings
-        params = mtp_train.initial_params(cfg, k_init, mesh)[0]
-    lc = cfg.train.lora
-    tree = {"params": params, "lora": init_lora(params, lc, k_lora) if lc.enabled else {}}
-    tx, _ = make_optimizer(cfg.train, tree)
-    sh = state_shardings(cfg, mesh, tree, tx, jax.eval_shape(tx.init, tree))
-    tree = {"params": sharding.shard_params(tree["params"], sh.params["params"]),
-            "lora": jax.device_put(tree["lora"], sh.params["lora"])}
-    opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(tree)
-    scalar = lambda v: jax.device_put(jnp.asarray(v, jnp.int32), sh.step)
-    return TrainState(step=scalar(0), params=tree, opt_state=opt_state,
-                      nonfinite_step=scalar(-1), tx=tx)
-
-
-def abstract_train_state(cfg: mlc.ConfigDict, rng: jax.Array, mesh) -> TrainState:
-    """Shapes, dtypes and shardings of `create_train_state` (a restore target); allocates
-    nothing and reads no init checkpoint."""
-    lc = cfg.train.lora
-
-    def tree_of(r):
-        params = mtp_train.init_params(cfg, r)
-        return {"params": params, "lora": init_lora(params, lc, r) if lc.enabled else {}}
-
-    tree = jax.eval_shape(tree_of, rng)
-    tx, _ = make_optimizer(cfg.train, tree)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    state = TrainState(step=scalar, params=tree, opt_state=jax.eval_shape(tx.init, tree),
-                       nonfinite_step=scalar, tx=tx)
-    sh = state_shardings(cfg, mesh, tree, tx, state.opt_state)
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        state, sh)
-
-
-def loss_fn(tree, batch: dict, model, tc) -> tuple[jax.Array, tuple[dict, dict]]:
-    """LM loss + Σ over aux losses of their mean over scan units; (loss, (stats, aux))."""
-    params = merge_lora(tree["params"], tree["lora"], tc.lora.alpha, tc.lora.rank)
-    out = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                      batch["segment_ids"], compute_logits=False)
-    lm, stats = lm_loss(out.hidden, out.unembed, batch["tokens"], batch["segment_ids"],
-                        chunk=tc.loss_chunk, z_loss=tc.z_loss)
-    aux_loss = sum((jnp.mean(v) for v in out.aux["losses"].values()), jnp.zeros((), jnp.float32))
-    return lm + aux_loss, (stats, out.aux)
-
-
-def make_train_step(cfg: mlc.ConfigDict):
-    """`step(state, batch) -> (state, metrics)`; batch leaves are [grad_accum, b, T] and the
-    micro-batch gradients are averaged in a scan. Metrics are scalars (aux: per unit [U])."""
-    model = mtp_train.train_model(cfg)  # CausalLM, or MultiTokenLM for an `mtp` block
-    tc = mlc.FrozenConfigDict(cfg.train)
-    schedule = make_schedule(tc)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        def micro(carry, mb):
-            (loss, (stats, aux)), g = grad_fn(state.params, mb, model, tc)
-            out = {"loss": loss, "nll": stats["nll"], "accuracy": stats["accuracy"],
-                   "tokens": stats["tokens"], "aux": aux}
-            return jax.tree.map(jnp.add, carry, g), out
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, outs = jax.lax.scan(micro, zeros, batch)
-        n = jax.tree.leaves(batch)[0].shape[0]
-        grads = jax.tree.map(lambda g: g / n, grads)
-        m = jax.tree.map(lambda x: jnp.mean(x, axis=0), outs)
-        m["tokens"] = jnp.sum(outs["tokens"])
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep = jax.tree.leaves(trainable_mask(state.params, tc))
-        m["grad_norm"] = optax.tree.norm(
-            [g for g, k in zip(jax.tree.leaves(grads), keep, strict=True) if k])
-        m["param_norm"] = optax.tree.norm(params)
-        m["lr"] = schedule(state.step)
-        bad = (state.nonfinite_step < 0) & ~jnp.isfinite(m["loss"])
-        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                         nonfinite_step=jnp.where(bad, state.step + 1, state.nonfinite_step),
-                         tx=state.tx)
-        return new, m
-
-    return step
-
-
-def make_eval_step(cfg: mlc.ConfigDict, routing_mode: str = "topk"):
-    """`eval_step(tree, batch) -> (nll sum, target count, aux)` for one [b, T] batch.
-
-    Routed models evaluate in `routing_mode` "topk" (teacher forcing, as trained) or "causal"
-    (the causal routers decide, as in generation; routing spec §7)."""
-    model = mtp_train.train_model(cfg, routing_mode)  # CausalLM, or MultiTokenLM for `mtp`
-    tc = mlc.FrozenConfigDict(cfg.train)
-
-    def eval_step(tree, batch):
-        _, (stats, aux) = loss_fn(tree, batch, model, tc)
-        return stats["nll"] * stats["tokens"], stats["tokens"], aux
-
-    return eval_step
-
-
-def evaluate(eval_fn, tree, batches: list[dict], mesh, prefix: str = "val") -> dict[str, float]:
-    """Token-weighted validation loss and perplexity, aux metrics averaged over batches, as
-    `{prefix}/loss`, `{prefix}/ppl`, `{prefix}/<aux>`."""
-    total, count, auxes = 0.0, 0.0, []
-    for b in batches:
-        s, n, aux = jax.device_get(eval_fn(tree, sharding.shard_batch(b, mesh)))
-        total, count = total + float(s), count + float(n)
-        auxes.append(mtp_train.flat_metrics(aux))
-    loss = total / max(count, 1.0)
-    out = {f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(min(loss, 50.0))}
-    for k in auxes[0] if auxes else ():
-        out[f"{prefix}/{k}"] = float(np.mean([a[k] for a in auxes]))
-    return out
 
 
 def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
@@ -200,25 +56,28 @@ def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     of the last logged step (`train/...`, `val/...`). Config, data and init-checkpoint errors
     are raised before anything is written to the workdir or compiled."""
     workdir = os.path.abspath(workdir)
-    cfg = configlib.finalize(cfg, workdir=workdir)
+    cfg = schema.finalize(cfg, workdir=workdir)
     apply_debug_switches(cfg)
     mesh = make_mesh(cfg)
+    make_objective(cfg)  # an unknown objective or a missing feature block fails here
     tok = make_tokenizer_for(cfg, workdir)
-    cfg = configlib.finalize(cfg, vocab_size=tok.vocab_size, workdir=workdir)
-    mcfg = configlib.model_config(cfg)
+    cfg = schema.finalize(cfg, vocab_size=tok.vocab_size, workdir=workdir)
+    objective = make_objective(cfg)
+    mcfg = schema.model_config(cfg)
     check_init_checkpoint(cfg)
-    it, eval_batches = make_data(cfg, tok, mesh)
+    t = cfg.train
+    it, eval_batches = objective.data(tok, t.batch_size // t.grad_accum, jax.process_index(),
+                                      jax.process_count())
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    rng = jax.random.key(cfg.train.seed)
+    rng = jax.random.key(t.seed)
     start = Checkpointer(ckpt_dir, async_save=False).latest_step() \
         if os.path.isdir(ckpt_dir) else None
-    if start is None:
-        # params are created/read straight into their shardings
-        params, report = mtp_train.initial_params(cfg, jax.random.split(rng)[0], mesh)
-        state = create_train_state(cfg, rng, params=params, mesh=mesh)
+    if start is None:  # params are created/read straight into their shardings
+        params, report = initial_params(cfg, objective, jax.random.split(rng)[0], mesh)
+        state = create_train_state(cfg, rng, params=params, mesh=mesh, objective=objective)
     else:  # restore onto shapes and shardings only: no init checkpoint read, no random init
         report = [f"resumed from step {start} in {ckpt_dir}"]
-        state = abstract_train_state(cfg, rng, mesh)
+        state = abstract_train_state(cfg, rng, mesh, objective)
     peak = flops.measure_peak_flops(jnp.dtype(mcfg.dtype))
     write_run_files(workdir, cfg, mcfg, mesh, tok, report, peak)
     main = distributed.is_main_process()  # only process 0 logs; every process checkpoints
@@ -234,32 +93,30 @@ def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     writer = MetricsWriter(workdir, resume_step=start, tensorboard=cfg.log.tensorboard,
                            wandb_project=cfg.log.wandb_project if cfg.log.wandb else None,
                            config=cfg.to_dict())
-    keep = jax.tree.leaves(trainable_mask(state.params, cfg.train))
+    keep = jax.tree.leaves(trainable_mask(state.params, t, trainable_rules(cfg, objective)))
     n_train = sum(int(x.size) for x, k in zip(jax.tree.leaves(state.params), keep,
                                               strict=True) if k)
     if main:
-        print(f"model: {mcfg.family}/{mcfg.arch}, "
+        print(f"model: {mcfg.family}/{mcfg.arch} ({t.objective}), "
               f"{param_count(state.params['params']) / 1e6:.2f}M params "
               f"({n_train / 1e6:.2f}M trainable), mesh {dict(mesh.shape)}, "
-              f"{cfg.train.batch_size}x{cfg.train.seq_len} tokens per step")
+              f"{t.batch_size}x{t.seq_len} tokens per step")
 
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     with jax.set_mesh(mesh), sharding.rules_context():
-        step_fn = jax.jit(make_train_step(cfg), donate_argnums=0,
+        step_fn = jax.jit(make_train_step(cfg, objective), donate_argnums=0,
                           in_shardings=(state_sh, accum_sharding(mesh)),
                           out_shardings=(state_sh, None))
-        eval_fn = jax.jit(make_eval_step(cfg))
-        causal_eval_fn = jax.jit(make_eval_step(cfg, "causal")) \
+        eval_fn = jax.jit(make_eval_step(cfg, objective=objective))
+        causal_eval_fn = jax.jit(make_eval_step(cfg, "causal", objective)) \
             if mcfg.arch != "dense" and cfg.eval.causal_mode else None
-    t = cfg.train
     tokens_per_step = t.batch_size * t.seq_len
     f_tok = flops.train_flops_per_token(mcfg, t.seq_len)["model"]
     stop = t.stop_at_step or t.steps
     last: dict[str, float] = {}
     last_good = f"step {start}" if start else "none"
     preempt = Preemption()
-    bar = tqdm(total=stop, initial=start, disable=not distributed.is_main_process(),
-               dynamic_ncols=True, desc="train")
+    bar = tqdm(total=stop, initial=start, disable=not main, dynamic_ncols=True, desc="train")
     t_last, step_last = None, start
     done = start
     try:
@@ -293,9 +150,9 @@ def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
                             f"loss is not finite at step {bad}; nothing was saved after it; the "
                             f"last good checkpoint is {last_good} in {ckpt.directory} (lower "
                             "train.lr or set train.clip_norm, then rerun to resume)")
-                if is_eval:
+                if is_eval and eval_batches:
                     val = evaluate(eval_fn, state.params, eval_batches, mesh)
-                    if causal_eval_fn is not None:  # routing spec §7.5: eval reports both
+                    if causal_eval_fn is not None:  # eval reports both routing modes
                         val.update(evaluate(causal_eval_fn, state.params, eval_batches, mesh,
                                             "val_causal"))
                     writer.write(done, "val", val)
@@ -316,10 +173,10 @@ def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
         ckpt.close()
         writer.close()
     if done == t.steps:
-        print_sample(cfg, state, tok)  # collective: every process gathers the params
+        print_sample(cfg, objective, state, tok)  # collective: every process gathers params
     if done == t.steps and main:
         print(f"checkpoints: {ckpt_dir}\nmetrics:     {workdir}/metrics.jsonl\n"
-              f"plots:       python -m jaxdyn.viz.dashboard --workdir {workdir}")
+              f"pictures:    python -m jaxdyn.viz --workdir {workdir}")
     return last
 
 
@@ -332,12 +189,12 @@ def log_transfer(writer: MetricsWriter, cfg: mlc.ConfigDict, eval_fn, tree, batc
         return
     icfg, dense = src
     first = jax.tree.map(lambda a: a[0], batch)  # [grad_accum, b, T] -> [b, T]
-    tc = mlc.FrozenConfigDict(cfg.train)
-    dense_nll = jax.jit(lambda p, b: loss_fn({"params": p, "lora": {}}, b, build(icfg),
-                                             tc)[1][0]["nll"])
-    s, n, _ = jax.device_get(eval_fn(tree, first))
+    lm = LanguageModel(cfg, icfg)
+    dense_nll = jax.jit(lambda p, b: lm.loss(lm.model(), {"params": p}, b,
+                                             jax.random.key(0))[1]["nll"])
+    stats, _ = jax.device_get(eval_fn(tree, first))
     row = {"transfer/dense_nll": float(jax.device_get(dense_nll(dense, first))),
-           "transfer/routed_nll": float(s) / max(float(n), 1.0)}
+           "transfer/routed_nll": float(stats["nll"])}
     writer.write(0, "transfer", row)
     if main:
         print(f"transfer: first-batch loss dense {row['transfer/dense_nll']:.4f}, routed at "
@@ -352,52 +209,20 @@ def log_train(writer: MetricsWriter, step: int, m: dict, tokens_per_step: int, d
         tps = tokens_per_step * steps / max(dt, 1e-9)
         row["train/tokens_per_sec"] = tps
         row["train/mfu"] = flops.mfu(f_tok, tps, peak, n_devices)
-    row.update({"train/" + k: v for k, v in mtp_train.flat_metrics(m["aux"]).items()})
+    row.update({"train/" + k: v for k, v in flatten_aux(m["aux"]).items()})
     writer.write(step, "train", row)
     return row
 
 
-def print_sample(cfg: mlc.ConfigDict, state: TrainState, tok) -> None:
-    """Greedy continuation of `cfg.sample.prompt` with the final (LoRA-merged) params."""
+def print_sample(cfg: mlc.ConfigDict, objective, state, tok) -> None:
+    """The objective's closing sample with the final (LoRA-merged) parameters."""
     if cfg.sample.max_new_tokens < 1:
         return
-    from jaxdyn.decode.generate import generate
-    from jaxdyn.decode.sampling import SamplingConfig
-
     lc = cfg.train.lora
-    params = merge_lora(state.params["params"], state.params["lora"], lc.alpha, lc.rank)
-    params = host_params(params)
+    params = host_params(merge_lora(state.params["params"], state.params["lora"], lc.alpha,
+                                    lc.rank))
     if not distributed.is_main_process():
         return
-    prompt = tok.encode(cfg.sample.prompt) or [tok.eos_id]
-    res = generate(configlib.model_config(cfg), params, [prompt],
-                   cfg.sample.max_new_tokens, SamplingConfig(temperature=cfg.sample.temperature),
-                   eos_id=tok.eos_id)
-    print(f"\nsample: {cfg.sample.prompt!r} -> {tok.decode(res.tokens[0])!r}\n")
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(prog="python -m jaxdyn.train",
-                                 epilog="overrides: --config.train.lr=3e-4 (any config key)")
-    ap.add_argument("--config", required=True, help="configs/<exp>.py[:preset]")
-    ap.add_argument("--workdir", required=True, help="run folder (resumed when it has one)")
-    args, rest = ap.parse_known_args(argv)
-    overrides, i = [], 0
-    while i < len(rest):  # `--config.a.b=v` or `--config.a.b v`
-        item = rest[i]
-        if not item.startswith("--config."):
-            ap.error(f"unrecognised argument {item!r}; overrides look like --config.train.lr=3e-4")
-        if "=" not in item and i + 1 < len(rest):
-            item, i = f"{item}={rest[i + 1]}", i + 1
-        overrides.append(item)
-        i += 1
-    distributed.init()
-    cfg = configlib.load_config(args.config, overrides)
-    train_and_evaluate(cfg, args.workdir)
-
-
-if __name__ == "__main__":
-    main()
+    text = objective.sample(params, tok)
+    if text is not None:
+        print(f"\nsample: {text}\n")

@@ -1,4 +1,4 @@
-"""Process-0 metrics: `metrics.jsonl` (JAX practices spec §12), TensorBoard, optional W&B.
+"""Process-0 metrics: `metrics.jsonl` (docs/training.md), TensorBoard, optional W&B.
 
 One JSON object per line, flat `/`-separated keys. Non-finite values are written as `null` and
 listed under `"nonfinite"`. On resume, lines past the restored step are dropped first so the
@@ -13,26 +13,7 @@ import os
 import time
 from typing import Any
 
-import numpy as np
-
 from jaxdyn.distributed import is_main_process
-
-
-def flatten_aux(aux: dict[str, Any]) -> dict[str, float]:
-    """Per-unit aux metrics [U] -> `router/layer_{i}/name` plus the mean `router/name`.
-
-    Each MoD/DTF scan unit holds one routed layer, so `layer_{i}` is the i-th routed layer
-    (model layer 2i+1); the weighted aux losses are logged as their mean, `router/loss_name`.
-    """
-    out = {}
-    for name, v in aux.get("metrics", {}).items():
-        v = np.asarray(v, np.float64).reshape(-1)
-        for i, x in enumerate(v):
-            out[f"router/layer_{i}/{name}"] = float(x)
-        out[f"router/{name}"] = float(v.mean())
-    for name, v in aux.get("losses", {}).items():
-        out[f"router/loss_{name}"] = float(np.mean(np.asarray(v, np.float64)))
-    return out
 
 
 def read_metrics(workdir: str) -> list[dict]:

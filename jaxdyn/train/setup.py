@@ -1,6 +1,6 @@
-"""Set-up pieces of `jaxdyn.train.loop`: mesh, tokenizer, data, init-checkpoint checks and loading,
-run files, fail-fast switches and preemption. Each raises a named error before anything is
-compiled or written to the workdir.
+"""Set-up pieces of the trainer: mesh, tokenizer, batches across processes, run files,
+fail-fast switches and preemption. Each raises a named error before anything is compiled or
+written to the workdir.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import optax
@@ -24,15 +23,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdyn import distributed, sharding
-from jaxdyn.checkpoint import load_params, params_shapes
-from jaxdyn.config import loader as configlib
-from jaxdyn.model import ModelConfig, dense_to_routed, init_params, stack_layers, unstack_layers
-from jaxdyn.model.routing.transfer import FREE_FIELDS
+from jaxdyn.config.errors import ConfigValueError
+from jaxdyn.data import DataConfig, load_documents
+from jaxdyn.data.tokenizer import make_tokenizer
+from jaxdyn.model import ModelConfig
 from jaxdyn.train import flops
-
-
-class CheckpointMismatchError(ValueError):
-    """`init.checkpoint` holds a model that does not fit the configured one."""
 
 
 def make_mesh(cfg: mlc.ConfigDict) -> jax.sharding.Mesh:
@@ -46,14 +41,14 @@ def make_mesh(cfg: mlc.ConfigDict) -> jax.sharding.Mesh:
     rows = cfg.train.batch_size // cfg.train.grad_accum
     split = mesh.shape["data"] * mesh.shape["fsdp"]
     if rows % split:
-        raise configlib.ConfigValueError(
+        raise ConfigValueError(
             f"micro-batch train.batch_size/train.grad_accum={rows} is not divisible by the "
             f"data x fsdp mesh size {split}; change train.batch_size or cfg.mesh")
     return mesh
 
 
 def apply_debug_switches(cfg: mlc.ConfigDict) -> None:
-    """JAX practices §11: opt-in NaN debugging and strict rank promotion; assert threefry."""
+    """docs/training.md: opt-in NaN debugging and strict rank promotion; assert threefry."""
     if cfg.debug.debug_nans:
         jax.config.update("jax_debug_nans", True)
     if cfg.debug.strict_rank_promotion:
@@ -64,9 +59,6 @@ def apply_debug_switches(cfg: mlc.ConfigDict) -> None:
 
 def make_tokenizer_for(cfg: mlc.ConfigDict, workdir: str):
     """The configured tokenizer; a BPE one is trained on the train split once per workdir."""
-    from jaxdyn.data import DataConfig, load_documents
-    from jaxdyn.data.tokenizer import make_tokenizer
-
     directory = os.path.join(workdir, "tokenizer")
     make = lambda texts: make_tokenizer(cfg.tokenizer.kind, directory=directory, texts=texts,
                                         vocab_size=cfg.tokenizer.vocab_size,
@@ -81,26 +73,6 @@ def make_tokenizer_for(cfg: mlc.ConfigDict, workdir: str):
 
         multihost_utils.sync_global_devices("jaxdyn: tokenizer trained")
     return tok if distributed.is_main_process() else make(None)
-
-
-def make_data(cfg: mlc.ConfigDict, tok, mesh) -> tuple[Any, list[dict]]:
-    """(train iterator of this process's micro-batches, validation batches)."""
-    from jaxdyn.data import DataConfig, make_eval_batches, make_train_iterator
-
-    dc = DataConfig(**cfg.data.to_dict())
-    n_proc = jax.process_count()
-    micro = cfg.train.batch_size // cfg.train.grad_accum
-    if micro % n_proc:
-        raise configlib.ConfigValueError(f"micro-batch {micro} must be divisible by the "
-                                         f"{n_proc} processes")
-    it = make_train_iterator(dc, tok, seq_len=cfg.train.seq_len, batch_size=micro // n_proc,
-                             seed=cfg.train.seed, process_index=jax.process_index(),
-                             process_count=n_proc)
-    rows, i = micro // n_proc, jax.process_index()  # each process: its rows of a global batch
-    evals = [{k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
-             for batch in make_eval_batches(dc, tok, seq_len=cfg.train.seq_len,
-                                            batch_size=micro, max_batches=cfg.eval.batches)]
-    return it, evals
 
 
 # ----------------------------------------------------------------------------- multi-process
@@ -161,111 +133,6 @@ def stack_batches(it, accum: int, mesh) -> dict[str, jax.Array]:
     sh = accum_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sh, np.stack([b[k] for b in local]))
             for k in local[0]}
-
-
-# ----------------------------------------------------------------------------- init checkpoint
-
-
-def _source(path: str) -> tuple[ModelConfig, Any, Any]:
-    """(cfg, param shapes, loader) of an import folder or a training workdir. `loader(target)`
-    reads the params; a target tree of sharded ShapeDtypeStructs makes orbax read each
-    device's slice straight into its shard (no full copy on any device)."""
-    cfg_path = os.path.join(path, "model_config.json")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"init.checkpoint {path!r} has no model_config.json; import a "
-                                "Hugging Face folder with `python -m conversion import`")
-    icfg = ModelConfig.load(cfg_path)
-    if os.path.isdir(os.path.join(path, "params")):
-        return icfg, params_shapes(os.path.join(path, "params")), \
-            lambda target=None: load_params(os.path.join(path, "params"), target)
-    from jaxdyn.checkpoint import load_model, model_params_shapes
-
-    return icfg, model_params_shapes(path), \
-        lambda target=None: load_model(path, target=target)[1]
-
-
-def _sharded_target(shapes: Any, dtype, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s),
-                        shapes, shardings)
-
-
-def check_init_checkpoint(cfg: mlc.ConfigDict) -> None:
-    """Fail before compiling when `init.checkpoint` cannot initialise the configured model."""
-    if not cfg.init.checkpoint:
-        return
-    path = cfg.init.checkpoint
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"init.checkpoint {path!r} is not a folder")
-    icfg = ModelConfig.load(os.path.join(path, "model_config.json")) \
-        if os.path.exists(os.path.join(path, "model_config.json")) else _source(path)[0]
-    mcfg = configlib.model_config(cfg)
-    free = set(FREE_FIELDS) if icfg.arch == "dense" else FREE_FIELDS - {"arch", "routing"}
-    a, b = icfg.to_dict(), mcfg.to_dict()
-    diff = {k: (a[k], b[k]) for k in a if k not in free and a[k] != b[k]}
-    if diff:
-        raise CheckpointMismatchError(
-            f"init.checkpoint {path!r} holds a {icfg.family}/{icfg.arch} model that does not "
-            f"match the configured {mcfg.family}/{mcfg.arch}: {diff} (checkpoint, configured); "
-            "set those model fields to the checkpoint's model_config.json")
-
-
-def initial_params(cfg: mlc.ConfigDict, rng: jax.Array,
-                   mesh: jax.sharding.Mesh | None = None) -> tuple[Any, list[str]]:
-    """(params, report): random, or loaded from `init.checkpoint` (same architecture, either
-    layer layout) or transferred from a dense import into a routed model.
-
-    With `mesh`, params are created in their rules-table shardings: random init runs under
-    `jit(out_shardings=...)` and checkpoints are restored by orbax onto sharded
-    ShapeDtypeStruct targets, so no device ever holds a full copy of a sharded tensor.
-    `mesh` defaults to the one made current by `jax.set_mesh` (none: plain host/device 0)."""
-    mcfg = configlib.model_config(cfg)
-    if mesh is None and not jax.sharding.get_mesh().empty:
-        mesh = jax.sharding.get_mesh()
-    p_sh = sharding.param_shardings(mcfg, mesh) if mesh is not None else None
-    if not cfg.init.checkpoint:
-        if mesh is None:
-            return init_params(mcfg, rng), ["init: random (no init.checkpoint)"]
-        with jax.set_mesh(mesh):
-            params = jax.jit(lambda r: init_params(mcfg, r), out_shardings=p_sh)(rng)
-        return params, ["init: random (no init.checkpoint)"]
-    check_init_checkpoint(cfg)
-    icfg, shapes, load = _source(cfg.init.checkpoint)
-    if mcfg.arch != "dense" and icfg.arch == "dense":
-        params, rep = dense_to_routed(icfg, load(), mcfg, rng)
-        return params, [f"init from {cfg.init.checkpoint}: {rep}"]
-    want = jax.eval_shape(lambda r: init_params(mcfg, r), rng)
-    relayout = stack_layers if mcfg.scan_layers else unstack_layers
-    got = jax.eval_shape(relayout, shapes)
-    shape_of = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)
-    if shape_of(want) != shape_of(got):
-        raise CheckpointMismatchError(f"init.checkpoint {cfg.init.checkpoint!r}: parameter "
-                                      "shapes differ from the configured model's")
-    dtype = jnp.dtype(mcfg.param_dtype)
-    if mesh is None:
-        params = jax.tree.map(lambda x: jnp.asarray(x, dtype), relayout(load()))
-    elif shape_of(shapes) == shape_of(want):  # same layer layout: read shards in place
-        params = load(_sharded_target(shapes, dtype, p_sh))
-    else:  # other layout: read in the stored layout's shardings, relayout on the devices
-        stored = mcfg.replace(scan_layers=not mcfg.scan_layers)
-        raw = load(_sharded_target(shapes, dtype, sharding.param_shardings(stored, mesh)))
-        with jax.set_mesh(mesh):
-            params = jax.jit(relayout, out_shardings=p_sh)(raw)
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    return params, [f"init from {cfg.init.checkpoint}: loaded {len(jax.tree.leaves(params))} "
-                    f"tensors ({n / 1e6:.2f}M params); new parameters: none"]
-
-
-def dense_transfer_source(cfg: mlc.ConfigDict) -> tuple[ModelConfig, Any] | None:
-    """(dense config, dense params) when this run transfers a dense `init.checkpoint` into a
-    routed model, else None. Reads the checkpoint once more (the trainer logs the dense
-    first-batch loss from it, routing spec §5, and frees it again)."""
-    mcfg = configlib.model_config(cfg)
-    if not cfg.init.checkpoint or mcfg.arch == "dense":
-        return None
-    icfg, _, load = _source(cfg.init.checkpoint)
-    if icfg.arch != "dense":
-        return None
-    return icfg, jax.tree.map(lambda x: jnp.asarray(x, jnp.dtype(icfg.param_dtype)), load())
 
 
 # ----------------------------------------------------------------------------- run files

@@ -18,6 +18,8 @@ from jaxdyn.temporal import adapters as tm
 from jaxdyn.temporal.batching import make_graph
 from jaxdyn.temporal.generate import load_temporal
 
+pytestmark = pytest.mark.parity  # equality against a reference
+
 ROOT = os.path.join(os.path.dirname(__file__), "..", "fixtures", "old_layout")
 TOL = dict(rtol=1e-6, atol=1e-6)
 

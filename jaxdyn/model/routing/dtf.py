@@ -1,4 +1,5 @@
-"""Dynamic Transformer (DTF / SDT) pair: a Decision layer and a Dynamic layer (routing spec §4).
+"""Dynamic Transformer (DTF / SDT) pair: a Decision layer and a Dynamic layer
+(docs/features/routing.md).
 
 Dimension legend: B batch, T length, D width, d_i PriorFFN width, k capacity, S cache slots.
 
@@ -26,7 +27,6 @@ from jax import lax
 
 from jaxdyn.model.block import DecoderLayer, init_layer_cache
 from jaxdyn.model.config import ModelConfig
-from jaxdyn.model.units import UnitSpec, register_unit
 from jaxdyn.model.layers import Norm, dtype_of, param_init
 from jaxdyn.model.routing.options import prior_width, routed_k, routing_opts
 from jaxdyn.model.routing.route import (
@@ -41,10 +41,11 @@ from jaxdyn.model.routing.route import (
     token_validity,
     topk_mask,
 )
+from jaxdyn.model.units import UnitSpec, register_unit
 
 f32 = jnp.float32
 sg = lax.stop_gradient
-PRIOR_NORM_EPS = 1e-6  # Qwen2's value, used for every family (spec §4.1)
+PRIOR_NORM_EPS = 1e-6  # Qwen2's value, used for every family (docs/features/routing.md)
 SCALAR_INITS = {"beta_ce": -0.3, "beta_cu": -0.6, "o_ce": 1.025, "m_cu": 1.1}
 
 

@@ -1,4 +1,5 @@
-"""Forward FLOPs per token of dense, MoD and DTF models (JAX practices §13, routing spec §11).
+"""Forward FLOPs per token of dense, MoD and DTF models (docs/training.md,
+docs/features/routing.md).
 
 Dimension legend: T sequence length, k capacity, D width, N heads, K kv heads, Hd head dim,
 F MLP width, V vocab, L layers, d_i PriorFFN width.

@@ -1,4 +1,4 @@
-"""Mixture-of-Depths superblock (Raposo et al., 2024; routing spec §3).
+"""Mixture-of-Depths superblock (Raposo et al., 2024; docs/features/routing.md).
 
 Dimension legend: B batch, T length, D width, k capacity, S cache slots, K kv heads, Hd head dim.
 
@@ -25,7 +25,6 @@ import jax.numpy as jnp
 
 from jaxdyn.model.block import DecoderLayer, init_layer_cache
 from jaxdyn.model.config import ModelConfig
-from jaxdyn.model.units import UnitSpec, register_unit
 from jaxdyn.model.layers import dtype_of, param_init
 from jaxdyn.model.routing.options import routed_k, routing_opts, unit_slots
 from jaxdyn.model.routing.route import (
@@ -40,6 +39,7 @@ from jaxdyn.model.routing.route import (
     token_validity,
     topk_mask,
 )
+from jaxdyn.model.units import UnitSpec, register_unit
 
 f32 = jnp.float32
 

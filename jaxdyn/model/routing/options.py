@@ -1,8 +1,9 @@
 """Routing options of the routed architectures (MoD, DTF): defaults and validation.
 
 `ModelConfig.routing` stores only the options a user set; `routing_opts(cfg)` merges them over
-the defaults below (routing spec §1-§7). Unknown keys and bad values raise `ConfigError` naming
-the closest valid key. This module imports nothing from the model so `config.py` can call it.
+the defaults below (docs/features/routing.md). Unknown keys and bad values raise `ConfigError`
+naming the closest valid key. This module imports nothing from the model so `config.py` can
+call it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ MOD: dict[str, Any] = {
 DTF: dict[str, Any] = {
     **COMMON,
     "gate": "or",  # "or": G = S_CE + S_CU - S_CE·S_CU | "ce": G = S_CE
-    "prior_width_factor": 0.0625,  # f: PriorFFN width d_i from ceil(D·f) (spec §4.1)
+    "prior_width_factor": 0.0625,  # f: PriorFFN width d_i from ceil(D·f) (docs/features/routing.md)
     "prior_loss_weight": 0.05,
     "prior_loss_form": "residual",  # "residual": MSE(Δ̂, sg Δ) | "thesis": MSE(H + Δ̂, sg H_post)
     "prior_detach_input": False,  # feed sg(H) to the prior
@@ -99,12 +100,13 @@ def validate_routing(arch: str, routing: dict[str, Any], num_layers: int | None 
         if not (isinstance(opts["ma_window"], int) and opts["ma_window"] >= 1):
             raise ConfigError(f"routing ma_window={opts['ma_window']!r} must be an int >= 1")
         if not opts["prior_width_factor"] > 0:
-            raise ConfigError(f"routing prior_width_factor={opts['prior_width_factor']!r} must be > 0")
+            raise ConfigError(f"routing prior_width_factor={opts['prior_width_factor']!r} "
+                              "must be > 0")
     every, offset = opts["route_every"], opts["route_offset"]
     if arch == "dtf" and (every, offset) != (2, 1):
         raise ConfigError(f"routing route_every={every!r}, route_offset={offset!r} for arch='dtf'; "
                      "a DTF unit is a (decision, dynamic) pair: only route_every=2, "
-                     "route_offset=1 (routing spec §4)")
+                     "route_offset=1 (docs/features/routing.md)")
     if not (isinstance(every, int) and every >= 1 and isinstance(offset, int)
             and 0 <= offset < every):
         raise ConfigError(f"routing route_every={every!r}, route_offset={offset!r}: need an int "
@@ -157,6 +159,6 @@ def routed_k(opt: dict[str, Any], T: int) -> int:
 
 
 def prior_width(D: int, factor: float) -> int:
-    """PriorFFN width d_i = max(2, c + (c mod 2)) with c = ceil(D·f) (routing spec §4.1)."""
+    """PriorFFN width d_i = max(2, c + (c mod 2)) with c = ceil(D·f) (docs/features/routing.md)."""
     c = math.ceil(D * factor)
     return max(2, c + (c % 2))

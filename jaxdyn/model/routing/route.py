@@ -1,4 +1,4 @@
-"""The routing primitive and the router pieces shared by MoD and DTF (routing spec §2, §4.3, §7).
+"""The routing primitive and the router pieces shared by MoD and DTF (docs/features/routing.md).
 
 Dimension legend: B batch, T length, D width, k capacity (tokens routed per row), S cache slots.
 
@@ -107,7 +107,8 @@ def route(x_BTD: jax.Array, score_BT: jax.Array, gate_BT: jax.Array, pos_BT: jax
 
 def causal_routed(layer: nn.Module, x_BTD: jax.Array, gate_BT: jax.Array, d_BT: jax.Array,
                   valid_BT: jax.Array | None, cache: Any, ctx: dict[str, Any]):
-    """Causal-mode routed layer (spec §7): x + d·g·(block(x) − x) over all T tokens.
+    """Causal-mode routed layer: x + d·g·(block(x) − x) over all T tokens
+    (docs/features/routing.md).
 
     Without a cache the keys are restricted to d = 1 tokens through the segment mask; with a
     cache only d = 1 tokens write K/V (`write_BT`), and the `written` flags mask the rest.

@@ -1,4 +1,4 @@
-"""Build MoD / DTF parameters from a pretrained dense jaxdyn model (routing spec §5).
+"""Build MoD / DTF parameters from a pretrained dense jaxdyn model (docs/features/routing.md).
 
 Dimension legend: L dense layers, n layers per unit, U = L/n routed units, D width.
 

@@ -1,4 +1,4 @@
-"""Temporal-causal adapters (temporal spec §10): identity at init, drift bound, JS, regimes,
+"""Temporal-causal adapters (docs/features/temporal.md): identity at init, drift bound, JS, regimes,
 padding/order invariance, gradient routing, parameter count, TCG-Synth + loader, generation."""
 
 import dataclasses
@@ -14,21 +14,19 @@ import numpy as np
 import optax
 import pytest
 
+from jaxdyn.cli.generate import main as generate_cli
+from jaxdyn.cli.temporal import main as temporal_cli
 from jaxdyn.model import build, tiny
 from jaxdyn.temporal import adapters as tm
 from jaxdyn.temporal import synth as ts
-from jaxdyn.temporal.batching import (
-    Shapes,
-    TrainConfig,
-    encode,
-    js_divergence,
-    load_split,
-    loss_fn,
-    make_graph,
-    make_optimizer,
-    masked_mean_js,
-)
+from jaxdyn.temporal.batching import Shapes, encode, load_split, make_graph
+from jaxdyn.temporal.generate import generate_conditioned, load_temporal, save_temporal
+from jaxdyn.temporal.objective import js_divergence, masked_mean_js
 from jaxdyn.temporal.tokenizer import tokenizer
+from jaxdyn.train import make_objective, schema
+from jaxdyn.train.optim import make_optimizer, trainable_mask
+from jaxdyn.train.state import trainable_rules
+from jaxdyn.train.step import variables_of
 
 CFG = tiny(vocab_size=tokenizer().vocab_size, hidden_size=32, head_dim=8,
            intermediate_size=64, max_position_embeddings=64)
@@ -110,7 +108,8 @@ def test_adapters_change_output_when_trained(params):
 
 
 def test_drift_bound(params):
-    """‖ΔH(τ+δ) − ΔH(τ)‖₂ ≤ ‖W_o‖₂·1.129·‖W_t‖₂·‖ω‖₂·|δ| with the graph fixed (spec §10.2)."""
+    """‖ΔH(τ+δ) − ΔH(τ)‖₂ ≤ ‖W_o‖₂·1.129·‖W_t‖₂·‖ω‖₂·|δ| with the graph fixed
+    (docs/features/temporal.md)."""
     _, p = params
     rng = np.random.default_rng(0)
     t2v = tm.Time2Vec(TCFG)
@@ -198,7 +197,8 @@ def test_encoder_avoids_broken_jraph_helpers(params, monkeypatch):
 
 
 def test_jraph_padding_helper_still_broken():
-    """Records that jraph.zero_out_padding fails on this JAX; if it passes, revisit spec §4."""
+    """Records that jraph.zero_out_padding fails on this JAX; if it passes, revisit the
+    workaround described in docs/features/temporal.md."""
     g = jraph.GraphsTuple(nodes=jnp.ones((3, 2)), edges=jnp.ones((2, 1)),
                           senders=jnp.asarray([0, 1]), receivers=jnp.asarray([1, 2]),
                           n_node=jnp.asarray([2, 1]), n_edge=jnp.asarray([1, 1]), globals=None)
@@ -206,35 +206,52 @@ def test_jraph_padding_helper_still_broken():
         jraph.zero_out_padding(g)
 
 
-def two_record_batch(tcfg):
-    """(device batch, graph, fwd) of two records in one regime, for loss/gradient tests."""
-    arr, g = batch_of([record(), record("2012-05-05", "Mira", ("2010-01-01", "2015-06-01"))])
-    dev = {k: arr[k] for k in ("tokens", "ans_pos", "ans_tok", "ans_mask", "tau", "regime")}
-    model = tm.build(CFG, tcfg)
-    fwd = lambda q, tok, t, gr: model.apply({"params": q}, tok, conditioning={"time": t, "graph": gr},
-                                            compute_logits=False)
-    return dev, g, fwd
+def temporal_cfg(tcfg):
+    """configs/temporal.py:tiny with this file's shapes (CFG, `tcfg`, SH), finalized."""
+    t = dataclasses.asdict(tcfg)
+    over = [f"--config.model.{k}={getattr(CFG, k)}" for k in (
+        "hidden_size", "head_dim", "intermediate_size", "num_layers", "max_position_embeddings")]
+    over += [f"--config.temporal.{k}={v}" for k, v in t.items() if k != "adapter_layers"]
+    over += [f"--config.shapes.{k}={v}" for k, v in dataclasses.asdict(SH).items()]
+    over += [f"--config.train.seq_len={SH.seq_len}", "--config.train.lr=1e-2",
+             "--config.train.steps=4", "--config.train.warmup_steps=1"]
+    return schema.finalize(schema.load("configs/temporal.py:tiny", over), vocab_size=CFG.vocab_size)
+
+
+def two_record_loss(tcfg):
+    """(loss(tree, rng) -> (loss, stats), cfg, rules) of the `temporal` objective on two
+    records in one regime, frozen leaves behind stop_gradient as in the trainer's step."""
+    arr, _ = batch_of([record(), record("2012-05-05", "Mira", ("2010-01-01", "2015-06-01"))])
+    cfg = temporal_cfg(tcfg)
+    objective = make_objective(cfg)
+    model, rules = objective.model(), trainable_rules(cfg, objective)
+
+    def loss(tree, rng):
+        mask = trainable_mask(tree, cfg.train, rules)["params"]
+        value, stats, _ = objective.loss(model, variables_of(tree, cfg, mask), arr, rng)
+        return value, stats
+    return loss, cfg, rules
 
 
 def test_gradients_reach_only_trainable_params(params):
     _, p = params
-    dev, g, fwd = two_record_batch(TCFG)
-    tc = TrainConfig(steps=2, lr=1e-2)
-    grad_fn = jax.jit(jax.value_and_grad(
-        lambda q, b, gr, r: loss_fn(q, b, gr, r, fwd, tc, tm.is_trainable), has_aux=True))
-    (loss, aux), grads = grad_fn(p, dev, g, jax.random.key(0))
-    assert float(aux["reg"]) > 0 and np.isfinite(float(loss))
-    for k, v in grads.items():
+    loss, cfg, rules = two_record_loss(TCFG)
+    assert rules == ("^temporal/",)  # the objective's default trainable set
+    tree = {"params": p, "lora": {}}
+    (value, stats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        tree, jax.random.key(0))
+    assert float(stats["temporal/js"]) > 0 and np.isfinite(float(value))
+    for k, v in grads["params"].items():
         if k != "temporal":
             assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(v)), k
-    t = grads["temporal"]
+    t = grads["params"]["temporal"]
     for group, name in (("adapters", "W_t"), ("adapters", "W_g"), ("adapters", "W_o"),
                         ("time2vec", "omega"), ("time2vec", "phase"), ("graph", "W_fwd_0"),
                         ("graph", "W_bwd_1"), ("graph", "pool_query")):
         assert float(jnp.max(jnp.abs(t[group][name]))) > 0, (group, name)
-    opt = make_optimizer(p, tc, tm.is_trainable)
-    upd, _ = jax.jit(opt.update)(grads, opt.init(p), p)
-    for k, v in upd.items():
+    opt, _ = make_optimizer(cfg.train, tree, rules)
+    upd, _ = jax.jit(opt.update)(grads, opt.init(tree), tree)
+    for k, v in upd["params"].items():
         if k != "temporal":
             assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(v)), k
 
@@ -251,22 +268,21 @@ def test_silent_time_init_starts_at_zero_and_still_learns():
     ad = p["temporal"]["adapters"]
     assert float(jnp.max(jnp.abs(ad["W_t"]))) == 0.0 and float(jnp.std(ref["W_t"])) > 0.1
     np.testing.assert_array_equal(np.asarray(ad["W_g"]), np.asarray(ref["W_g"]))
-    dev, g, fwd = two_record_batch(tcfg)
-    tc = TrainConfig(steps=4, lr=1e-2)
-    opt = make_optimizer(p, tc, tm.is_trainable)
-    state = opt.init(p)
+    loss, cfg, rules = two_record_loss(tcfg)
+    tree = {"params": p, "lora": {}}
+    opt, _ = make_optimizer(cfg.train, tree, rules)
+    state = opt.init(tree)
 
     @jax.jit
-    def step(q, s, k, graph):
-        (_, aux), gr = jax.value_and_grad(
-            lambda q: loss_fn(q, dev, graph, k, fwd, tc, tm.is_trainable), has_aux=True)(q)
+    def step(q, s, k):
+        gr = jax.grad(lambda q: loss(q, k)[0])(q)
         upd, s = opt.update(gr, s, q)
         return optax.apply_updates(q, upd), s, gr
 
-    size = lambda x: float(jnp.max(jnp.abs(x["temporal"]["adapters"]["W_t"])))
-    q, grads = p, []
+    size = lambda x: float(jnp.max(jnp.abs(x["params"]["temporal"]["adapters"]["W_t"])))
+    q, grads = tree, []
     for k in range(3):  # lr is 0 at step 0 (warm-up), W_o leaves 0 at step 1
-        q, state, gr = step(q, state, jax.random.key(k), g)
+        q, state, gr = step(q, state, jax.random.key(k))
         grads.append(size(gr))
     assert grads[0] == 0.0 and grads[2] > 0 and size(q) > 0  # W_t gets gradient via W_o ≠ 0
     with pytest.raises(Exception, match="time_init"):
@@ -285,9 +301,9 @@ def test_param_counter_matches_tree(kw):
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tcg"))
-    ts.main(["--out", out, "--seed", "0", "--n-companies", "24", "--n-people", "60",
-             "--n-cities", "8", "--n-sectors", "4", "--n-train", "40", "--n-eval", "12",
-             "--n-max", "24", "--e-max", "64"])
+    temporal_cli(["synth", "--out", out, "--seed", "0", "--n-companies", "24", "--n-people",
+                  "60", "--n-cities", "8", "--n-sectors", "4", "--n-train", "40", "--n-eval",
+                  "12", "--n-max", "24", "--e-max", "64"])
     return out
 
 
@@ -317,16 +333,13 @@ def test_generator_splits_loader_and_static_batches(synth_dir):
 
 
 def test_generate_with_time_and_graph(params, tmp_path, capsys):
-    from jaxdyn.decode import generate as gen
-    from jaxdyn.temporal.generate import generate_conditioned, load_temporal, save_temporal
-
     _, p = params
     ckpt = str(tmp_path / "ckpt")
     save_temporal(ckpt, CFG, TCFG, SH, p)
     gpath = tmp_path / "graph.json"
     gpath.write_text(json.dumps({**GRAPH, "query_nodes": QUERY}))
     prompt = "Question: Who leads Vornex: Kalo, Mira or Tandor? Answer:"
-    gen.main(["--checkpoint", ckpt, "--prompt", prompt, "--time", "2025-06-02",
+    generate_cli(["--checkpoint", ckpt, "--prompt", prompt, "--time", "2025-06-02",
               "--graph", str(gpath), "--max_new_tokens", "3", "--stop", "\n"])
     printed = capsys.readouterr().out
     model = load_temporal(ckpt)
@@ -339,6 +352,6 @@ def test_generate_with_time_and_graph(params, tmp_path, capsys):
     first = tokenizer().decode([int(jnp.argmax(out[0, n - 1]))])
     assert (text or "\n").startswith(first) or first == "\n"
     with pytest.raises(SystemExit, match="YYYY-MM-DD"):
-        gen.main(["--checkpoint", ckpt, "--prompt", prompt, "--time", "June 2025"])
+        generate_cli(["--checkpoint", ckpt, "--prompt", prompt, "--time", "June 2025"])
     with pytest.raises(SystemExit, match="--time"):
-        gen.main(["--checkpoint", ckpt, "--prompt", prompt, "--graph", str(gpath)])
+        generate_cli(["--checkpoint", ckpt, "--prompt", prompt, "--graph", str(gpath)])

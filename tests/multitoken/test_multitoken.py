@@ -2,6 +2,8 @@
 multitoken decoding on a tiny trained model."""
 
 import itertools
+import json
+import types
 
 import flax.linen as nn
 import jax
@@ -9,8 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxdyn.checkpoint import load_model
+from jaxdyn.cli.common import load_for_inference
 from jaxdyn.decode.generate import generate
 from jaxdyn.decode.sampling import SamplingConfig
+from jaxdyn.evaluate.perplexity import evaluate as evaluate_ppl
 from jaxdyn.model import build, tiny
 from jaxdyn.multitoken.cooccur import CooccurTables, build_tables
 from jaxdyn.multitoken.decode import (
@@ -23,7 +28,6 @@ from jaxdyn.multitoken.decode import (
 from jaxdyn.multitoken.grid import DynamoOptions, blur, joint_grid, otsu_threshold, select
 from jaxdyn.multitoken.heads import (
     all_logits,
-    multitoken_model,
     dense_params_of,
     from_dense,
     grad_scale,
@@ -31,19 +35,34 @@ from jaxdyn.multitoken.heads import (
     heads_of,
     init_mtp_cache,
     init_mtp_params,
+    multitoken_model,
 )
-from jaxdyn.multitoken.objective import (
-    lr_group_labels,
-    markov_corpus,
-    mtp_loss,
-    mtp_optimizer,
-    pack,
-    train_tiny_mtp,
-)
+from jaxdyn.multitoken.objective import markov_corpus, multitoken_loss
+from jaxdyn.train import schema, train_and_evaluate
+from jaxdyn.train.metrics import read_metrics
+from jaxdyn.train.optim import make_optimizer
 
-V = 32
-CFG = tiny("gpt_neox", vocab_size=V, num_layers=2, max_position_embeddings=512)
+V = 32  # symbols of the Markov chain; the model adds EOS and pad (ids tokenizer)
+# configs/mtp.py:tiny (GPT-NeoX, 3 heads) on the chain, 2 layers, trained from scratch.
+OVERRIDES = ["--config.tokenizer.kind=ids", f"--config.tokenizer.vocab_size={V}",
+             "--config.model.num_layers=2", "--config.train.batch_size=8",
+             "--config.train.seq_len=32", "--config.train.lr=3e-3", "--config.train.steps=150",
+             "--config.train.warmup_steps=1", "--config.train.lr_groups=()",
+             "--config.log.every=50", "--config.log.tensorboard=false",
+             "--config.eval.every=150", "--config.eval.batches=1",
+             "--config.checkpoint.async_save=false", "--config.sample.max_new_tokens=0",
+             "--config.mesh.data=1"]
+CFG = schema.model_config(schema.finalize(schema.load("configs/mtp.py:tiny", OVERRIDES),
+                                          vocab_size=V + 2))
+VM = CFG.vocab_size
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [20]]
+
+
+def loss_of(params, batch, weights=(1.0, 1.0, 1.0), scale=0.1, chunk=1024):
+    """The `mtp` objective's loss and statistics on one batch (3 heads)."""
+    out = multitoken_model(CFG, 3, 1, scale).apply(
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
+    return multitoken_loss(out, batch["tokens"], batch["segment_ids"], weights, scale, chunk)
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +71,21 @@ def corpus():
 
 
 @pytest.fixture(scope="module")
-def trained(corpus):
-    """T3 model trained from scratch for 150 steps (one compile; ~15-25 s on 2 busy cores)."""
-    return train_tiny_mtp(CFG, 3, corpus, dense_steps=0, mtp_steps=150, batch=8, seq_len=32,
-                          lr_base=3e-3, lr_groups=(), log_every=50)
+def trained(corpus, tmp_path_factory):
+    """T3 model trained from scratch for 150 steps by the trainer (`mtp` objective) on the
+    chain's documents, written as id texts."""
+    d = tmp_path_factory.mktemp("mtp")
+    with open(d / "chain.jsonl", "w") as f:
+        for doc in corpus:
+            f.write(json.dumps({"text": " ".join(map(str, doc))}) + "\n")
+    work = str(d / "run")
+    train_and_evaluate(schema.load("configs/mtp.py:tiny", [
+        *OVERRIDES, f"--config.data.source={d / 'chain.jsonl'}"]), work)
+    mcfg, params, _ = load_model(work)
+    assert mcfg == CFG
+    history = [{k.removeprefix("train/"): v for k, v in r.items()}
+               for r in read_metrics(work) if r["split"] == "train"]
+    return types.SimpleNamespace(params=params, history=history)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +96,7 @@ def untrained():
 @pytest.fixture(scope="module")
 def tables(corpus, tmp_path_factory):
     d = tmp_path_factory.mktemp("cooc")
-    build_tables(corpus[:100], V, d)  # half the corpus: many plausible n-grams stay unseen
+    build_tables(corpus[:100], VM, d)  # half the corpus: many plausible n-grams stay unseen
     return CooccurTables(d)
 
 
@@ -79,7 +109,7 @@ def test_head_i_loss_uses_tokens_shifted_by_i_within_documents(untrained):
     seg = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0]], np.int32)  # two documents + padding
     pos = np.array([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0]], np.int32)
     batch = {"tokens": tokens, "segment_ids": seg, "positions": pos}
-    _, m = jax.jit(lambda p, b: mtp_loss(p, b, CFG, 3, chunk=4))(params, batch)
+    _, m = jax.jit(lambda p, b: loss_of(p, b, chunk=4))(params, batch)
     out = jax.jit(multitoken_model(CFG, 3).apply)({"params": params}, tokens, pos, seg)
     logp = np.asarray(jax.nn.log_softmax(all_logits(out), -1))[:, 0]  # [n, T, V]
     for i in (1, 2, 3):
@@ -138,8 +168,7 @@ def test_grad_scale_scales_only_the_heads_path_into_the_stem(untrained):
     toks = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]], jnp.int32)
     batch = {"tokens": toks, "segment_ids": jnp.ones_like(toks),
              "positions": jnp.arange(8)[None].astype(jnp.int32)}
-    loss = lambda p, s: mtp_loss(p, batch, CFG, 3, weights=[0.0, 1.0, 0.0],  # head 2 only
-                                 stem_grad_scale=s, unembed_grad_scale=s)[0]
+    loss = lambda p, s: loss_of(p, batch, weights=[0.0, 1.0, 0.0], scale=s)[0]  # head 2 only
     g1, g01 = jax.jit(lambda p: (jax.grad(loss)(p, 1.0), jax.grad(loss)(p, 0.1)))(untrained)
     stem = lambda t: t["layers"]["mlp"]["up"]["kernel"][0]  # layer 0 = stem
     assert np.abs(stem(g1)).max() > 0
@@ -152,17 +181,18 @@ def test_grad_scale_scales_only_the_heads_path_into_the_stem(untrained):
 
 
 def test_lr_groups_give_heads_100x_the_base_step(untrained):
-    params = untrained
-    labels = lr_group_labels(params)
-    assert set(jax.tree.leaves(labels["heads"])) == {"100.0"}
-    assert set(jax.tree.leaves(dense_params_of(labels))) == {"1.0"}
-    tx = mtp_optimizer(1e-4, 100)  # warm-up of 1 step: step 0 has LR 0, step 1 the peak
-    grads = jax.tree.map(jnp.ones_like, params)
+    """configs/mtp.py:pythia-70m's LR_M = 100 LR_B, through the one optimizer builder."""
+    tc = schema.load("configs/mtp.py:pythia-70m", [
+        "--config.train.lr=1e-4", "--config.train.warmup_steps=1",
+        "--config.train.steps=100"]).train  # warm-up of 1 step: step 1 has the peak LR
+    tree = {"params": untrained, "lora": {}}
+    tx, _ = make_optimizer(tc, tree)
+    grads = jax.tree.map(jnp.ones_like, tree)
     update = jax.jit(tx.update)
-    _, state = update(grads, tx.init(params), params)
-    upd, _ = update(grads, state, params)
-    base = float(upd["layers"]["mlp"]["up"]["kernel"].ravel()[0])
-    head = float(upd["heads"]["layer"]["mlp"]["up"]["kernel"].ravel()[0])
+    _, state = update(grads, tx.init(tree), tree)
+    upd, _ = update(grads, state, tree)
+    base = float(upd["params"]["layers"]["mlp"]["up"]["kernel"].ravel()[0])
+    head = float(upd["params"]["heads"]["layer"]["mlp"]["up"]["kernel"].ravel()[0])
     assert base == pytest.approx(-1e-4, rel=1e-3)  # Adam: |m/sqrt(v)| = 1
     assert head / base == pytest.approx(100.0, rel=1e-4)
 
@@ -355,30 +385,24 @@ def test_verify_sampling_preserves_head1_distribution(untrained):
     probs = lambda seqs: np.asarray(jax.nn.softmax(
         model.apply({"params": dense}, jnp.asarray(seqs)).logits[:, -1], -1), np.float64)
     p1 = probs([prompt])[0]
-    p2_given = probs([prompt + [a] for a in range(V)])  # [x1, x2]
-    pairs = [prompt + [a, b] for a in range(V) for b in range(V)]
-    p3_given = probs(pairs).reshape(V, V, V)
+    p2_given = probs([prompt + [a] for a in range(VM)])  # [x1, x2]
+    pairs = [prompt + [a, b] for a in range(VM) for b in range(VM)]
+    p3_given = probs(pairs).reshape(VM, VM, VM)
     joint12 = p1[:, None] * p2_given
     marg2, marg3 = joint12.sum(0), np.einsum("ab,abc->c", joint12, p3_given)
     for j, marg in ((1, marg2), (2, marg3)):
-        ok, stat, crit = _chi2_ok(np.bincount(toks[:, j], minlength=V), marg)
+        ok, stat, crit = _chi2_ok(np.bincount(toks[:, j], minlength=VM), marg)
         assert ok, (j, stat, crit)
     # The test has power: the drafting head's own distribution is rejected.
     out = multitoken_model(CFG, 3).apply({"params": params}, jnp.asarray([prompt]))
     q2 = np.asarray(jax.nn.softmax(all_logits(out)[1, 0, -1]), np.float64)
-    assert not _chi2_ok(np.bincount(toks[:, 1], minlength=V), q2)[0]
+    assert not _chi2_ok(np.bincount(toks[:, 1], minlength=VM), q2)[0]
 
 
 def test_trainer_writes_a_multitoken_checkpoint_that_generate_and_evaluate_load(tmp_path):
     """`python -m jaxdyn.train --config configs/mtp.py:tiny` -> a workdir with heads/ params,
     per-head metrics logged separately, loadable by generate (verify == plain) and evaluate."""
-    from jaxdyn.config import loader as configlib
-    from jaxdyn.decode.generate import load_for_inference
-    from jaxdyn.evaluate.perplexity import evaluate as evaluate_ppl
-    from jaxdyn.train.loop import train_and_evaluate
-    from jaxdyn.train.metrics import read_metrics
-
-    cfg = configlib.load_config("configs/mtp.py:tiny", [
+    cfg = schema.load("configs/mtp.py:tiny", [
         "train.steps=3", "train.batch_size=2", "train.seq_len=32", "data.max_documents=30",
         "model.num_layers=2", "log.every=1", "log.tensorboard=false", "eval.batches=1",
         "checkpoint.async_save=false", "sample.max_new_tokens=0", "mesh.data=1"])
@@ -391,5 +415,6 @@ def test_trainer_writes_a_multitoken_checkpoint_that_generate_and_evaluate_load(
     prompt = [tok.encode("def ")]
     plain = generate(mcfg, params, prompt, 8).tokens
     assert generate_verify(mcfg, params, prompt, 8, n_heads=3).tokens == plain
-    batch = {k: np.asarray(v)[None] for k, v in pack([np.arange(40) % 250]).items()}
+    t = np.arange(40, dtype=np.int32)[None]
+    batch = {"tokens": t % 250, "positions": t, "segment_ids": np.ones_like(t)}
     assert np.isfinite(evaluate_ppl(mcfg, params, [batch])["mtp/ppl_1:3"])

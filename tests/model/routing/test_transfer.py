@@ -1,4 +1,4 @@
-"""Dense -> MoD/DTF transfer (routing spec §5) and scanned/unrolled layouts."""
+"""Dense -> MoD/DTF transfer (docs/features/routing.md) and scanned/unrolled layouts."""
 
 import functools
 

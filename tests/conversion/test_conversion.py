@@ -1,4 +1,4 @@
-"""HF ⇄ jaxdyn conversion against transformers (conversion spec §7), no network.
+"""HF ⇄ jaxdyn conversion against transformers (docs/conversion.md), no network.
 
 Each tiny random HF model is built once per module with every parameter perturbed (HF's init
 would hide a misplaced bias or a wrong transpose), saved with `save_pretrained`, and then
@@ -21,8 +21,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import conversion
 from conversion import mapping, model_card
 from conversion.__main__ import main as cli
-from jaxdyn.decode.generate import generate, load_for_inference
+from jaxdyn.cli.common import load_for_inference
+from jaxdyn.decode.generate import generate
 from jaxdyn.model import build
+
+pytestmark = pytest.mark.parity  # equality against a reference
 
 LLAMA3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
               original_max_position_embeddings=32)

@@ -7,7 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from jaxdyn.multitoken.cooccur import CooccurTables, build_tables, encode, main
+from jaxdyn.cli.multitoken import main as cli
+from jaxdyn.multitoken.cooccur import CooccurTables, build_tables, encode
 
 
 def brute_counts(docs, order):
@@ -77,11 +78,11 @@ def test_min_count_prunes(tmp_path):
 def test_cli_jsonl_and_npy(tmp_path, capsys):
     rows = [[1, 2, 3, 1, 2], [4, 5]]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"tokens": r}) for r in rows))
-    main(["--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "j")])
+    cli(["cooccur", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "j")])
     stream = np.array([1, 2, 3, 1, 2, 0, 4, 5], np.int32)  # 0 separates documents
     np.save(tmp_path / "s.npy", stream)
-    main(["--data", str(tmp_path / "s.npy"), "--doc_sep", "0", "--vocab_size", "6",
-          "--out", str(tmp_path / "n")])
+    cli(["cooccur", "--data", str(tmp_path / "s.npy"), "--doc_sep", "0", "--vocab_size", "6",
+         "--out", str(tmp_path / "n")])
     capsys.readouterr()
     a, b = CooccurTables(tmp_path / "j"), CooccurTables(tmp_path / "n")
     assert a.vocab_size == 6 and a.meta["documents"] == 2 and b.meta["documents"] == 2

@@ -1,5 +1,5 @@
-"""jaxdyn.evaluate.perplexity: perplexity equals exp of the directly computed mean token NLL (dense, MTP
-heads and PPL_{1:n}), bits per byte, routed-unit statistics, CLI and clear errors."""
+"""jaxdyn.evaluate.perplexity: perplexity equals exp of the directly computed mean token NLL
+(dense, MTP heads and PPL_{1:n}), bits per byte, routed-unit statistics, CLI and clear errors."""
 
 import json
 import math
@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
+from jaxdyn.cli.evaluate import main
 from jaxdyn.data.tokenizer import byte_tokenizer
-from jaxdyn.evaluate.perplexity import evaluate, load_corpus, main
+from jaxdyn.evaluate.perplexity import evaluate, load_corpus
 from jaxdyn.model import build, init_params, tiny
 from jaxdyn.multitoken.heads import all_logits, dense_params_of, init_mtp_params, multitoken_model
 
@@ -34,7 +35,8 @@ def direct_logp(cfg, params, n_heads=1):
     if n_heads == 1:
         fwd = jax.jit(lambda p, x: build(cfg).apply({"params": p}, x).logits[None])
     else:
-        fwd = jax.jit(lambda p, x: all_logits(multitoken_model(cfg, n_heads).apply({"params": p}, x)))
+        model = multitoken_model(cfg, n_heads)
+        fwd = jax.jit(lambda p, x: all_logits(model.apply({"params": p}, x)))
     logp = np.asarray(jax.nn.log_softmax(fwd(params, ids), -1), np.float64)  # [n, B, T, V]
     return [(d, logp[:, i, :len(d)]) for i, d in enumerate(docs)]
 

@@ -1,4 +1,4 @@
-"""The routing primitive (routing spec §2 tests a-e), the causal MA, options and FLOPs."""
+"""The routing primitive (docs/features/routing.md tests a-e), the causal MA, options and FLOPs."""
 
 import flax.linen as nn
 import jax

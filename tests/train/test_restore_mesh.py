@@ -1,4 +1,4 @@
-"""Restore on another mesh (JAX practices §7): a train state saved on 8 devices comes back
+"""Restore on another mesh (docs/training.md): a train state saved on 8 devices comes back
 exactly on 4, 2 and 1 devices, and parameter checkpoints (imports, training workdirs) are read
 straight into the target shardings, each device reading only its slice."""
 
@@ -11,10 +11,9 @@ import pytest
 
 from jaxdyn import sharding
 from jaxdyn.checkpoint import Checkpointer, load_model, save_params
-from jaxdyn.config import loader as configlib
-from jaxdyn.model import unstack_layers
-from jaxdyn.train.loop import abstract_train_state, create_train_state
-from jaxdyn.train.setup import initial_params
+from jaxdyn.model import param_shardings, unstack_layers
+from jaxdyn.train import abstract_train_state, create_train_state, make_objective, schema
+from jaxdyn.train.init import initial_params
 
 OVERRIDES = ["--config.tokenizer.kind=byte", "--config.train.batch_size=8",
              "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
@@ -23,13 +22,13 @@ KEY = jax.random.key(0)
 
 @pytest.fixture(scope="module")
 def cfg():
-    return configlib.finalize(configlib.load_config("configs/standard.py:tiny", OVERRIDES))
+    return schema.finalize(schema.load("configs/standard.py:tiny", OVERRIDES))
 
 
 @pytest.fixture(scope="module")
 def fresh(cfg):
     """Random params created sharded on a 2x2x2 mesh (one jitted init shared by the tests)."""
-    return initial_params(cfg, KEY, sharding.make_mesh(2, 2, 2))[0]
+    return initial_params(cfg, make_objective(cfg), KEY, sharding.make_mesh(2, 2, 2))[0]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,7 @@ def saved(cfg, fresh, tmp_path_factory):
     bump = lambda x: x * 1.5 + 0.25 if jnp.issubdtype(x.dtype, jnp.floating) else x + 3
     state = jax.tree.map(bump, state)  # elementwise: shardings kept, moments no longer zero
     work = tmp_path_factory.mktemp("work")
-    configlib.model_config(cfg).save(str(work / "model_config.json"))
+    schema.model_config(cfg).save(str(work / "model_config.json"))
     ckpt = Checkpointer(str(work / "checkpoints"), async_save=False)
     ckpt.save(3, state, {"epoch": 0}, {"step": 3, "lora_alpha": 32.0, "lora_rank": 16})
     ckpt.close()
@@ -75,7 +74,7 @@ def test_workdir_params_load_into_shardings(cfg, saved):
     """`init.checkpoint` = a training workdir: params restored shard by shard (no optimizer)."""
     work, host = saved
     mesh = sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4])
-    p_sh = sharding.param_shardings(configlib.model_config(cfg), mesh)
+    p_sh = param_shardings(schema.model_config(cfg), mesh)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           host.params["params"])
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -89,25 +88,24 @@ def test_workdir_params_load_into_shardings(cfg, saved):
 def test_import_loads_straight_into_sharded_layout(cfg, fresh, tmp_path, layout):
     """An imported checkpoint (`model_config.json` + `params/`, either layer layout) becomes
     the trainer's initial params already in the rules-table shardings of the mesh."""
-    mcfg = configlib.model_config(cfg)
+    mcfg = schema.model_config(cfg)
     ref = jax.device_get(fresh)
     stored = ref if layout == "scanned" else unstack_layers(ref)
     save_params(str(tmp_path / "params"), stored)
     mcfg.replace(scan_layers=layout == "scanned").save(str(tmp_path / "model_config.json"))
-    over = configlib.load_config("configs/standard.py:tiny",
-                                 [*OVERRIDES, f"--config.init.checkpoint={tmp_path}"])
+    over = schema.finalize(schema.load("configs/standard.py:tiny",
+                                       [*OVERRIDES, f"--config.init.checkpoint={tmp_path}"]))
     mesh = sharding.make_mesh(2, 2, 2)
-    params, report = initial_params(configlib.finalize(over), KEY, mesh)
+    params, report = initial_params(over, make_objective(over), KEY, mesh)
     assert "loaded" in report[0]
-    _assert_in_shardings(params, sharding.param_shardings(mcfg, mesh))
+    _assert_in_shardings(params, param_shardings(mcfg, mesh))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), ref)
 
 
 def test_random_init_is_created_sharded_and_mesh_independent(cfg, fresh):
     mesh = sharding.make_mesh(2, 2, 2)
-    _assert_in_shardings(fresh, sharding.param_shardings(configlib.model_config(cfg), mesh))
+    _assert_in_shardings(fresh, param_shardings(schema.model_config(cfg), mesh))
     one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    with jax.set_mesh(one):  # the mesh may also come from jax.set_mesh
-        single = initial_params(cfg, KEY)[0]
+    single = initial_params(cfg, make_objective(cfg), KEY, one)[0]
     assert len(jax.tree.leaves(single)[0].sharding.device_set) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(fresh), jax.device_get(single))

@@ -106,7 +106,7 @@ def save_checkpoint(path, cfg, params):
 
 
 def run_cli(capsys, *argv):
-    from jaxdyn.decode.generate import main
+    from jaxdyn.cli.generate import main
 
     main(list(argv))
     out = capsys.readouterr()
@@ -156,7 +156,7 @@ def test_cli_hf_folder_imported_on_the_fly(tmp_path, capsys):
 
 
 def test_cli_mtp_verify_equals_plain_and_multitoken_reports(tmp_path, capsys):
-    from jaxdyn.multitoken.cooccur import main as cooccur_main
+    from jaxdyn.cli.multitoken import main as multitoken_cli
     from jaxdyn.multitoken.heads import init_mtp_params
 
     cfg = tiny("gpt_neox", vocab_size=258, num_layers=2)
@@ -166,7 +166,7 @@ def test_cli_mtp_verify_equals_plain_and_multitoken_reports(tmp_path, capsys):
     verify, err = run_cli(capsys, *args, "--mode", "verify")
     assert verify == plain and "acceptance" in err and "tokens/forward" in err
     (tmp_path / "corpus.txt").write_text("import os\nimport sys\n" * 20)
-    cooccur_main(["--data", str(tmp_path / "corpus.txt"), "--tokenizer", ckpt,
+    multitoken_cli(["cooccur", "--data", str(tmp_path / "corpus.txt"), "--tokenizer", ckpt,
                   "--vocab_size", "258", "--out", str(tmp_path / "mtp" / "cooccur")])
     capsys.readouterr()
     _, err = run_cli(capsys, *args, "--mode", "multitoken", "--threshold", "1.0")
@@ -176,7 +176,7 @@ def test_cli_mtp_verify_equals_plain_and_multitoken_reports(tmp_path, capsys):
 def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
     cfg = tiny("qwen2", vocab_size=258, max_position_embeddings=64)
     ckpt = save_checkpoint(tmp_path / "d", cfg, init_params(cfg, jax.random.key(0)))
-    from jaxdyn.decode.generate import main
+    from jaxdyn.cli.generate import main
 
     cases = [
         (["--checkpoint", str(tmp_path / "nope"), "--prompt", "x"], "does not exist"),

@@ -1,0 +1,3 @@
+from jaxdyn.cli.experiments import main
+
+main()

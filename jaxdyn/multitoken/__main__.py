@@ -1,0 +1,3 @@
+from jaxdyn.cli.multitoken import main
+
+main()

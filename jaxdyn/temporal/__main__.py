@@ -1,0 +1,3 @@
+from jaxdyn.cli.temporal import main
+
+main()
