@@ -6,7 +6,7 @@ import numpy as np
 
 from jaxdyn.data.errors import DataConfigError, EmptyDatasetError
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # (epoch, row); version 1 was a document cursor
 
 
 def check_shape(seq_len: int, batch_size: int) -> None:
@@ -27,6 +27,11 @@ class PackedIterator:
     would fit in an empty row but not in the current row's space starts the next row (the
     rest is padding); longer documents fill the current row and continue in the next rows
     as new segments. The last row of an epoch is padded, so epochs never share a row.
+
+    With `shuffle`, the rows of an epoch are then served in a random order too (drawn from
+    (seed, epoch)): without it, a batch would hold consecutive pieces of one long document
+    (a stdlib module fills a whole tiny batch), which makes the gradient far noisier. The
+    layout is computed from document lengths only; the state is (epoch, row).
 
     Labels are NOT shifted here: "tokens" are both inputs and targets; the loss shifts once
     (`jaxdyn.model.loss.shifted_targets`) and drops targets that cross a segment boundary.
@@ -49,71 +54,102 @@ class PackedIterator:
             raise EmptyDatasetError(
                 f"process {process_index} of {process_count} has no documents ({len(token_docs)}"
                 " in total); use more data (data.max_documents=0) or fewer processes")
-        self._epoch, self._doc, self._offset = 0, 0, 0
-        self._order_epoch, self._order = -1, self.local
+        self._epoch, self._row = 0, 0
+        self._plan_epoch, self._plan = -1, None
 
     # ------------------------------------------------------------------ order and state
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Global document indices in the order epoch `epoch` visits them."""
+        """Global document indices in the order epoch `epoch` packs them."""
         if not self.shuffle:
             return self.local
         rng = np.random.default_rng([self.seed, epoch])
         return self.local[rng.permutation(len(self.local))]
 
-    def _current_order(self) -> np.ndarray:
-        if self._order_epoch != self._epoch:
-            self._order, self._order_epoch = self.epoch_order(self._epoch), self._epoch
-        return self._order
+    def epoch_layout(self, epoch: int) -> np.ndarray:
+        """[R, 2] (position in `epoch_order`, token offset) where each row of the epoch starts,
+        in packing order."""
+        order = self.epoch_order(epoch)
+        lengths = [len(self.docs[d]) for d in order]
+        starts, doc, offset = [], 0, 0
+        while doc < len(order):
+            starts.append((doc, offset))
+            doc, offset = self._fill(lengths, doc, offset)
+        return np.asarray(starts, np.int64).reshape(-1, 2)
+
+    def row_order(self, epoch: int, n_rows: int) -> np.ndarray:
+        """The order in which the epoch's rows are served (packing order without `shuffle`)."""
+        if not self.shuffle:
+            return np.arange(n_rows)
+        return np.random.default_rng([self.seed, epoch, 1]).permutation(n_rows)
+
+    def _plan_of(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(document order, row starts in serving order, served row count) of an epoch."""
+        if self._plan_epoch != epoch:
+            layout = self.epoch_layout(epoch)
+            order = self.row_order(epoch, len(layout))
+            self._plan, self._plan_epoch = (self.epoch_order(epoch), layout[order]), epoch
+        return self._plan
 
     def state(self) -> dict:
-        """JSON-able position: the next row starts at (epoch, doc, offset)."""
-        return {"version": STATE_VERSION, "epoch": self._epoch, "doc": self._doc,
-                "offset": self._offset, "seed": self.seed, "num_docs": int(len(self.local)),
-                "seq_len": self.seq_len, "process_index": self.process_index,
-                "process_count": self.process_count}
+        """JSON-able position: the next row is row `row` (serving order) of epoch `epoch`."""
+        return {"version": STATE_VERSION, "epoch": self._epoch, "row": self._row,
+                "seed": self.seed, "num_docs": int(len(self.local)), "seq_len": self.seq_len,
+                "process_index": self.process_index, "process_count": self.process_count}
 
-    def restore(self, state: dict) -> None:
-        """Continue exactly where `state()` was taken (same data, seed and sharding)."""
+    def restore(self, state: dict) -> list[str]:
+        """Continue exactly where `state()` was taken (same data, seed and sharding). A state
+        of the first release (version 1, a document cursor) restarts at its next epoch;
+        returns the note to log."""
         mine = self.state()
-        for k in ("version", "seed", "num_docs", "seq_len", "process_index", "process_count"):
+        for k in ("seed", "num_docs", "seq_len", "process_index", "process_count"):
             if state.get(k) != mine[k]:
                 raise ValueError(f"data iterator state has {k}={state.get(k)!r} but this "
                                  f"iterator has {mine[k]!r}; resume with the same data, "
                                  "tokenizer, seed, seq_len and process layout")
-        if not (0 <= state["doc"] < len(self.local) and state["offset"] >= 0):
-            raise ValueError(f"data iterator state {state} is out of range")
-        self._epoch, self._doc, self._offset = int(state["epoch"]), int(state["doc"]), int(
-            state["offset"])
+        if state.get("version") == 1:
+            self._epoch, self._row = int(state["epoch"]) + 1, 0
+            return [f"data: a version-1 iterator state; data order restarts at epoch "
+                    f"{self._epoch}"]
+        if state.get("version") != STATE_VERSION or int(state["row"]) < 0:
+            raise ValueError(f"data iterator state {state} is not a version-{STATE_VERSION} "
+                             "state of this iterator")
+        self._epoch, self._row = int(state["epoch"]), int(state["row"])
+        return []
 
     # ------------------------------------------------------------------ packing
 
-    def next_row(self, tokens: np.ndarray, positions: np.ndarray, segs: np.ndarray) -> None:
-        """Fill one row in place (the arrays arrive set to padding) and advance."""
+    def _fill(self, lengths, doc: int, offset: int, order=None, out=None) -> tuple[int, int]:
+        """Pack one row starting at (doc, offset) of the epoch's order; returns where the next
+        row starts. `lengths` are the documents' lengths in that order; with `order` and
+        `out` = (tokens, positions, segs) the row is written (the arrays arrive as padding)."""
         T, filled, seg = self.seq_len, 0, 0
-        order = self._current_order()
-        while filled < T:
-            if self._doc == len(order):
-                if filled:
-                    break
-                self._epoch, self._doc, self._offset = self._epoch + 1, 0, 0
-                order = self._current_order()
-                continue
-            doc = self.docs[order[self._doc]]
-            rest, space = len(doc) - self._offset, T - filled
+        while filled < T and doc < len(lengths):
+            rest, space = lengths[doc] - offset, T - filled
             if space < rest <= T and filled:
                 break  # fits in a fresh row: do not split it
             n = min(rest, space)
             seg += 1
-            tokens[filled:filled + n] = doc[self._offset:self._offset + n]
-            positions[filled:filled + n] = np.arange(n)
-            segs[filled:filled + n] = seg
+            if out is not None:
+                tokens, positions, segs = out
+                tokens[filled:filled + n] = self.docs[order[doc]][offset:offset + n]
+                positions[filled:filled + n] = np.arange(n)
+                segs[filled:filled + n] = seg
             filled += n
-            self._offset += n
-            if self._offset == len(doc):
-                self._doc, self._offset = self._doc + 1, 0
-        if self._doc == len(order):  # normalise: the next row starts the next epoch
-            self._epoch, self._doc, self._offset = self._epoch + 1, 0, 0
+            offset += n
+            if offset == lengths[doc]:
+                doc, offset = doc + 1, 0
+        return doc, offset
+
+    def next_row(self, tokens: np.ndarray, positions: np.ndarray, segs: np.ndarray) -> None:
+        """Fill one row in place (the arrays arrive set to padding) and advance."""
+        order, starts = self._plan_of(self._epoch)
+        doc, offset = starts[self._row]
+        lengths = [len(self.docs[d]) for d in order[doc:doc + self.seq_len + 1]]
+        self._fill(lengths, 0, int(offset), order[doc:], (tokens, positions, segs))
+        self._row += 1
+        if self._row == len(starts):  # normalise: the next row starts the next epoch
+            self._epoch, self._row = self._epoch + 1, 0
 
     def empty_batch(self, rows: int) -> dict[str, np.ndarray]:
         shape = (rows, self.seq_len)
@@ -131,10 +167,11 @@ class PackedIterator:
         return b
 
     def one_pass(self, max_batches: int = 0) -> list[dict[str, np.ndarray]]:
-        """Batches covering every document once, in order, from the start of epoch 0; the
-        last batch is padded with empty rows (segment 0). At most `max_batches` if > 0."""
+        """Batches covering every document once from the start of epoch 0 (in order without
+        `shuffle`); the last batch is padded with empty rows (segment 0). At most
+        `max_batches` if > 0."""
         saved = self.state()
-        self._epoch, self._doc, self._offset = 0, 0, 0
+        self._epoch, self._row = 0, 0
         out = []
         try:
             while self._epoch == 0 and (max_batches <= 0 or len(out) < max_batches):

@@ -226,8 +226,9 @@ class RecordIterator:
     def state(self) -> dict:
         return {"epoch": self._epoch, "index": self._index}
 
-    def restore(self, state: dict) -> None:
+    def restore(self, state: dict) -> list[str]:
         self._epoch, self._index = int(state["epoch"]), int(state["index"])
+        return []
 
 
 def fixed_batches(arrays: dict[str, np.ndarray], rows: int, max_batches: int,

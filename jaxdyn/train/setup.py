@@ -105,10 +105,9 @@ def restore_data_state(it, saved: dict) -> list[str]:
     next epoch boundary after the furthest process; returns the note to log."""
     states = saved.get("processes", [saved])
     if len(states) == jax.process_count():
-        it.restore(states[jax.process_index()])
-        return []
+        return it.restore(states[jax.process_index()]) or []
     epoch = max(int(st["epoch"]) for st in states) + 1
-    it.restore({**it.state(), "epoch": epoch, "doc": 0, "offset": 0})
+    it.restore({**it.state(), "epoch": epoch, "row": 0, "index": 0})
     return [f"data: checkpoint from {len(states)} processes resumed on "
             f"{jax.process_count()}; data order restarts at epoch {epoch}"]
 

@@ -88,7 +88,13 @@ def test_packing_covers_every_token_once_in_order(shuffle):
     for epoch in range(2):
         order = it.epoch_order(epoch)
         assert sorted(order) == list(range(len(docs)))
-        got = pieces(epoch_rows(it))
+        rows = epoch_rows(it)
+        served = it.row_order(epoch, len(rows))  # rows in packing order, then served
+        assert sorted(served) == list(range(len(rows)))
+        packed = [None] * len(rows)
+        for r, k in zip(rows, served, strict=True):
+            packed[k] = r
+        got = pieces(packed)
         np.testing.assert_array_equal(np.concatenate(got), np.concatenate([docs[i] for i in
                                                                           order]))
         # every piece lies within one document: EOS only at a piece's end
@@ -97,7 +103,16 @@ def test_packing_covers_every_token_once_in_order(shuffle):
         assert sum(int(p[-1] == EOS) for p in got) == len(docs)
         # pieces are whole documents unless the document is longer than the row space left
         assert all(len(p) <= 16 for p in got)
+        assert (served.tolist() != sorted(served)) == shuffle  # shuffle mixes the rows too
     assert it.epoch_order(0).tolist() != it.epoch_order(1).tolist() or not shuffle
+
+
+def test_a_shuffled_batch_mixes_documents():
+    """Rows of one batch come from many documents, not consecutive pieces of one."""
+    docs = [np.full(400, i + 1, np.int32) for i in range(6)]  # long documents, 25 rows each
+    it = PackedIterator(docs, seq_len=16, batch_size=8, seed=0)
+    first = next(it)["tokens"][:, 0]
+    assert len(set(first.tolist())) >= 4, first
 
 
 def test_short_documents_are_not_split():
