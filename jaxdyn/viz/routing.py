@@ -1,18 +1,21 @@
-"""`python -m jaxdyn.viz.routing --checkpoint DIR --text "…" --out routing.png`: which tokens each
-routed layer of a MoD / DTF model processed, and the gate values (routing spec §7, §8).
+"""Which tokens each routed layer of a MoD / DTF model processed, and the gate values
+(docs/features/routing.md): as a matplotlib figure (`routing_figure`) and as plain text for a
+terminal (`routing_text`). `python -m jaxdyn.viz` draws both for a workdir or checkpoint.
 
 The picture comes from the model's own forward pass: every routed unit sows its gate and top-k
 mask (`intermediates/…/routing`, and `decision` in causal mode), read here from an unrolled
-copy of the model (`nn.scan` drops sown values). One row per routed layer, one column per token;
-the colour is the gate (MoD σ(r) or r, DTF G), an outline marks the tokens the layer processed.
+copy of the model (`nn.scan` drops sown values). Figure: one row per routed layer, one column
+per token; the colour is the gate (MoD σ(r) or r, DTF G), an outline marks the tokens the layer
+processed. Text: the tokens on one row, then one row per routed layer that repeats the tokens
+it processed and leaves blanks where it skipped them (no colour needed).
 
 Dimension legend: U routed units (one routed layer each), T tokens.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,13 +77,20 @@ def routing_decisions(cfg: ModelConfig, params: Any, tokens: Sequence[int],
 
 
 def token_labels(tok, tokens: Sequence[int]) -> list[str]:
-    """One short printable label per token (whitespace made visible)."""
+    """One short printable label per token: spaces as ␣, newlines and tabs as \\n and \\t,
+    other control characters escaped, a token that decodes to nothing as <id>."""
     labels = []
     for t in tokens:
         s = tok.decode([int(t)])
         s = s.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t")
+        s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
         labels.append(s if s else f"<{int(t)}>")
     return labels
+
+
+def _how(cfg: ModelConfig, mode: str, T: int) -> str:
+    return (f"top-k, k={routed_k(routing_opts(cfg), T)} of {T}" if mode == "topk"
+            else "causal router decisions")
 
 
 def routing_figure(cfg: ModelConfig, params: Any, tokens: Sequence[int], tok,
@@ -98,32 +108,55 @@ def routing_figure(cfg: ModelConfig, params: Any, tokens: Sequence[int], tok,
     ax.set_yticks(range(U), [f"layer {layer} ({sel_UT[u].mean():.0%})"
                              for u, layer in enumerate(r["layers"])])
     ax.set_xticks(range(T), token_labels(tok, tokens), rotation=90, fontsize=7)
-    how = (f"top-k, k={routed_k(routing_opts(cfg), T)} of {T}"
-           if mode == "topk" else "causal router decisions")
-    ax.set_title(f"{cfg.arch.upper()} routing ({how}); red = processed", fontsize=9)
+    ax.set_title(f"{cfg.arch.upper()} routing ({_how(cfg, mode, T)}); red = processed",
+                 fontsize=9)
     fig.colorbar(im, ax=ax, label=GATE_NAME[cfg.arch], fraction=0.03, pad=0.01)
     fig.tight_layout()
     return fig
 
 
-def main(argv: Sequence[str] | None = None) -> str:
-    from jaxdyn.decode.generate import load_for_inference
-
-    ap = argparse.ArgumentParser(prog="python -m jaxdyn.viz.routing", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="training workdir or imported model")
-    ap.add_argument("--text", required=True, help="text to route")
-    ap.add_argument("--out", default="routing.png", help="PNG to write")
-    ap.add_argument("--mode", choices=MODES, default="topk",
-                    help="topk: training-time selection; causal: generation-time decisions")
-    args = ap.parse_args(argv)
-    cfg, params, tok = load_for_inference(args.checkpoint)
-    tokens = tok.encode(args.text)
-    fig = routing_figure(cfg, params, tokens, tok, args.mode)
-    fig.savefig(args.out, dpi=110)
-    print(args.out)
-    return args.out
+def columns(s: str) -> int:
+    """Terminal columns of `s`: wide (East Asian) characters take 2, combining marks 0."""
+    return sum(0 if unicodedata.combining(c) else
+               2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in s)
 
 
-if __name__ == "__main__":
-    main()
+def text_picture(labels: Sequence[str], selected_UT: np.ndarray, row_names: Sequence[str],
+                 width: int = 100) -> str:
+    """Plain-text routing picture: a `tokens` row with every label, then one row per routed
+    layer that repeats the labels of the tokens it processed (`selected_UT[u, t]`) and blanks
+    out the skipped ones, column-aligned; wrapped into blocks of at most `width` columns."""
+    selected_UT = np.asarray(selected_UT, bool)
+    if selected_UT.shape != (len(row_names), len(labels)):
+        raise ValueError(f"selected {selected_UT.shape} must be [rows {len(row_names)}, "
+                         f"tokens {len(labels)}]")
+    names = ["tokens", *row_names]
+    pad = max(map(len, names)) + 2
+    room = max(width - pad, 1)
+    blocks, start = [], 0
+    while start < len(labels):  # greedy wrap on token boundaries
+        stop, used = start, 0
+        while stop < len(labels) and (stop == start or used + columns(labels[stop]) <= room):
+            used += columns(labels[stop])
+            stop += 1
+        rows = ["".join(labels[start:stop])]
+        for sel_T in selected_UT:
+            rows.append("".join(lab if sel_T[t] else " " * columns(lab)
+                                for t, lab in enumerate(labels[start:stop], start)))
+        blocks.append("\n".join(f"{n:<{pad}}{r}".rstrip() for n, r in zip(names, rows,
+                                                                            strict=True)))
+        start = stop
+    return "\n\n".join(blocks)
+
+
+def routing_text(cfg: ModelConfig, params: Any, tokens: Sequence[int], tok,
+                 mode: str = "topk", width: int = 100) -> str:
+    """The routing picture of `tokens` as plain text for a terminal: a heading, then
+    `text_picture` with one row per routed layer (its index and the share it processed)."""
+    r = routing_decisions(cfg, params, tokens, mode)
+    sel_UT = r["selected"]
+    names = [f"layer {layer} {sel_UT[u].mean():4.0%}" for u, layer in enumerate(r["layers"])]
+    head = (f"{cfg.arch.upper()} routing ({_how(cfg, mode, len(tokens))}); each layer row keeps "
+            "the tokens\nthat layer processed and blanks out those it skipped (␣ = space, "
+            "\\n = newline)")
+    return head + "\n" + text_picture(token_labels(tok, tokens), sel_UT, names, width)

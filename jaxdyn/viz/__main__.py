@@ -1,0 +1,3 @@
+from jaxdyn.cli.viz import main
+
+main()
