@@ -40,7 +40,7 @@ def get_config(preset: str = "tiny") -> mlc.ConfigDict:
         d_n=_pick(preset, tiny=16, mini=64, qwen2_5_0_5b=128),
         d_g=_pick(preset, tiny=16, mini=64, qwen2_5_0_5b=128),
         rank=_pick(preset, tiny=8, mini=32, qwen2_5_0_5b=64),
-        # W_t's init scale: at the spec's 1 the Time2Vec sin features carry ≈4x the
+        # W_t's init scale: at the design's 1 the Time2Vec sin features carry ≈4x the
         # across-example variance of W_g f_g into the adapter and drown the graph signal
         # (measured, docs/features/temporal.md); 0.1 keeps the time pathway alive but quiet.
         time_init=_pick(preset, tiny=0.1, mini=0.1, qwen2_5_0_5b=1.0))
@@ -63,7 +63,7 @@ def get_config(preset: str = "tiny") -> mlc.ConfigDict:
         steps=_pick(preset, tiny=3, mini=1500, qwen2_5_0_5b=20_000),
         batch_size=_pick(preset, tiny=8, mini=16, qwen2_5_0_5b=16),
         seq_len=c.shapes.seq_len, grad_accum=1,
-        # Peak AdamW lr; the spec's 1e-4 is for long runs, the mini preset trains 1,500 steps.
+        # Peak AdamW lr; the design's 1e-4 is for long runs, the mini preset trains 1,500 steps.
         lr=_pick(preset, tiny=3e-3, mini=3e-3, qwen2_5_0_5b=1e-4),
         warmup_steps=_pick(preset, tiny=1, mini=150, qwen2_5_0_5b=2000))
     # AdamW decays matrices only: not biases, norms, embeddings, Time2Vec or the pool query.

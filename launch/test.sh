@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (Python >= 3.11: the pinned jax/flax/orbax/transformers wheels need it), install
 # jaxdyn with its test extras, run the whole suite.
-# Extra arguments go to pytest, e.g. `bash launch/test.sh tests/test_parity.py -k llama`.
+# Extra arguments go to pytest, e.g. `bash launch/test.sh tests/model/test_decoder.py -k llama`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$(command -v python3.11 || command -v python3.12 || command -v python3.13 || command -v python3)}"

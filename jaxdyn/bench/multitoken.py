@@ -195,11 +195,12 @@ def run(preset: str = "tiny", out_dir: str | None = None) -> list[dict]:
 
 
 def mechanism(steps: int, V: int = 32, out_dir: str | None = None) -> list[dict]:
-    """Spec §8 on a known first-order chain over V tokens (2-3 successors per token), trained
-    by the trainer (`mtp` objective from scratch, 3 heads, D=64 L=2) on the chain's documents
-    written as a JSONL of id texts ("3 17 5 ...", tokenizer kind `ids`) in `out_dir` (default:
-    a temporary folder). The model therefore has V + 2 logits (the chain's V ids, then EOS and
-    pad); every check below uses the heads' distributions renormalised over the first V ids.
+    """The mechanism check (docs/features/multitoken.md) on a known first-order chain over V
+    tokens (2-3 successors per token), trained by the trainer (`mtp` objective from scratch,
+    3 heads, D=64 L=2) on the chain's documents written as a JSONL of id texts ("3 17 5 ...",
+    tokenizer kind `ids`) in `out_dir` (default: a temporary folder). The model therefore has
+    V + 2 logits (the chain's V ids, then EOS and pad); every check below uses the heads'
+    distributions renormalised over the first V ids.
 
     KL(true || estimate) of the joint of (x_{t+1}, x_{t+2}) on unseen documents for the
     product of heads, with co-occurrence weighting, and with weighting + thresholds (ε_b = 0.5,

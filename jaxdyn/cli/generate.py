@@ -70,7 +70,7 @@ def load_tables(args, cfg: ModelConfig, tok):
     if tables.vocab_size != cfg.vocab_size:
         raise SystemExit(f"error: tables in {path!r} have V={tables.vocab_size}, the model "
                          f"V={cfg.vocab_size}: {build}")
-    fp = tables.meta.get("fingerprint") or ""
+    fp = tables.meta.get("tokenizer_fingerprint") or ""
     if fp and fp != tok.fingerprint():
         raise SystemExit(f"error: tables in {path!r} were counted with another tokenizer "
                          f"({fp} != {tok.fingerprint()}): {build}")

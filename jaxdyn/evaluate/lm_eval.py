@@ -3,7 +3,8 @@
     pip install -e ".[eval]"
     python -m jaxdyn.evaluate --checkpoint runs/std --tasks arc_challenge,hellaswag
     # or, in Python:
-    import lm_eval, jaxdyn.evaluate.lm_eval  # registers "jaxdyn"
+    import lm_eval
+    from jaxdyn.evaluate.lm_eval import JaxdynLM  # registers the lm_eval model "jaxdyn"
     lm_eval.simple_evaluate(model="jaxdyn", model_args="checkpoint=runs/std", tasks=[...])
 
 `JaxdynScorer` does the work and needs no lm_eval: `loglikelihood` scores continuations

@@ -175,7 +175,8 @@ def is_trainable(path: tuple) -> bool:
 
 
 def count_temporal_params(cfg: ModelConfig, tcfg: TemporalConfig) -> dict[str, int]:
-    """Parameter counts by part from the spec's formulas (§9); `total` sums them."""
+    """Parameter counts by part from the formulas in docs/features/temporal.md; `total`
+    sums them."""
     c, D = tcfg, cfg.hidden_size
     La = int((tcfg.layer_slots(cfg.num_layers) >= 0).sum())
     per_layer = c.rank * (c.d_t + c.d_g + D) + c.rank + D

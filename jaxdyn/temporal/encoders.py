@@ -32,7 +32,7 @@ GELU_LIP = 1.129  # max |GELU'(x)| (exact GELU, at x = √2)
 
 @dataclasses.dataclass(frozen=True)
 class TemporalConfig:
-    """Widths and switches of the temporal pathway; defaults are the spec's."""
+    """Widths and switches of the temporal pathway; defaults are the design's (0.5B widths)."""
 
     d_t: int = 64  # Time2Vec width d_t
     periodic: str = "sin"  # "sin" (Kazemi et al.) | "sincos" (sin and cos halves)

@@ -40,7 +40,7 @@ WEIGHTS = (0.2, 0.4, 0.6, 0.8, 1.0)
 
 @dataclasses.dataclass(frozen=True)
 class SynthConfig:
-    """World and split sizes; the defaults are the spec's (§11.1, §11.4)."""
+    """World and split sizes; the defaults are the design's (docs/features/temporal.md)."""
 
     n_companies: int = 200
     n_people: int = 400

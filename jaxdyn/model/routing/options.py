@@ -61,9 +61,9 @@ CHOICES: dict[str, tuple] = {
 }
 GATES = {"mod": ("sigmoid", "raw", "ones"), "dtf": ("or", "ce")}
 NONNEG = ("causal_loss_weight", "router_bce_weight", "z_loss_weight", "prior_loss_weight")
-WHY_NOT = {  # values the spec names that this release does not implement yet
+WHY_NOT = {  # values the design names (docs/features/routing.md) not implemented yet
     "decision": "'gate_threshold' (EMA quantile of G) is not implemented",
-    "unpaired_last_layer": "'dense' needs a trailing dense layer in CausalLM (lm.py)",
+    "unpaired_last_layer": "'dense' needs a trailing dense layer in CausalLM (decoder.py)",
     "attend_to": "'all' (reference fused-kernel comparison) is not implemented",
     "beta_mode": "'scheduled' (later reference, β as model state) is not implemented",
     "prior": "'gaussian' (later reference) is not implemented",

@@ -102,7 +102,8 @@ def dense_to_routed(dense_cfg: ModelConfig, dense_params: dict[str, Any],
                     routed_cfg: ModelConfig, rng: jax.Array) -> tuple[dict, TransferReport]:
     """Routed parameters (layout of `routed_cfg.scan_layers`) and a report of what was loaded.
 
-    Dense tensors are cast to the routed `param_dtype`; new parameters get their spec init.
+    Dense tensors are cast to the routed `param_dtype`; new parameters get their documented
+    init (docs/features/routing.md).
     """
     _check_configs(dense_cfg, routed_cfg)
     arch = routed_cfg.arch
