@@ -48,7 +48,7 @@ OVERRIDES = ["--config.tokenizer.kind=ids", f"--config.tokenizer.vocab_size={V}"
              "--config.model.num_layers=2", "--config.train.batch_size=8",
              "--config.train.seq_len=32", "--config.train.lr=3e-3", "--config.train.steps=150",
              "--config.train.warmup_steps=1", "--config.train.lr_groups=()",
-             "--config.log.every=50", "--config.log.tensorboard=false",
+             "--config.log.every=10", "--config.log.tensorboard=false",
              "--config.eval.every=150", "--config.eval.batches=1",
              "--config.checkpoint.async_save=false", "--config.sample.max_new_tokens=0",
              "--config.mesh.data=1"]
@@ -85,7 +85,7 @@ def trained(corpus, tmp_path_factory):
     assert mcfg == CFG
     history = [{k.removeprefix("train/"): v for k, v in r.items()}
                for r in read_metrics(work) if r["split"] == "train"]
-    return types.SimpleNamespace(params=params, history=history)
+    return types.SimpleNamespace(params=params, history=history, workdir=work)
 
 
 @pytest.fixture(scope="module")
@@ -282,18 +282,21 @@ def test_training_logs_each_head_and_learns(trained):
     first, last = trained.history[0], trained.history[-1]
     for i in (1, 2, 3):
         assert f"mtp/loss_{i}" in last and last[f"mtp/loss_{i}"] < first[f"mtp/loss_{i}"]
-    assert last["mtp/loss_1"] < last["mtp/loss_3"] < 1.5  # V=32 chain, 2 successors per token
+    # on held-out documents: 3 steps ahead is harder than 1 on a V=32 chain, 2 successors each
+    val = [r for r in read_metrics(trained.workdir) if r["split"] == "val"][-1]
+    assert val["val/mtp/loss_1"] < val["val/mtp/loss_3"] < 1.5
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.5])
 def test_verify_greedy_equals_plain_greedy(trained, penalty):
     s = SamplingConfig(repetition_penalty=penalty)
     ref = generate(CFG, dense_params_of(trained.params), PROMPTS, 40, s).tokens
+    _, step = verify_steps(CFG, 3, 1, s)  # shared (lru_cache) with other tests of this CFG
+    before = step._cache_size()
     res = generate_verify(CFG, trained.params, PROMPTS, 40, s)
     assert res.tokens == ref
     assert res.tokens_per_forward >= 1.5 and res.acceptance[0] > 0.5
-    _, step = verify_steps(CFG, 3, 1, s)
-    assert step._cache_size() == 1  # the decode step compiled once
+    assert step._cache_size() - before <= 1  # 40 tokens, the decode step compiled at most once
 
 
 def _written_kv(cache, b):
@@ -347,6 +350,8 @@ def test_caches_equal_full_recompute_after_accepting_1_2_3(trained, untrained, t
 
 
 def test_multitoken_emits_only_seen_ngrams_and_is_deterministic(trained, tables):
+    step = multitoken_step(CFG, 3, 1, plain_sampling(DynamoOptions(top_k=10)))
+    before = step._cache_size()  # the jitted step is shared with other tests of this CFG
     runs = [generate_multitoken(CFG, trained.params, tables, PROMPTS, 30,
                                 DynamoOptions(threshold=0.2, top_k=10), seed=3)
             for _ in range(2)]
@@ -354,8 +359,7 @@ def test_multitoken_emits_only_seen_ngrams_and_is_deterministic(trained, tables)
     multi = [e for row in runs[0].emissions for e in row if len(e) > 1]
     assert multi and all(tables.count(np.array([e]))[0] > 0 for e in multi)
     assert runs[0].tokens_per_forward > 1.2
-    step = multitoken_step(CFG, 3, 1, plain_sampling(DynamoOptions(top_k=10)))
-    assert step._cache_size() == 2  # prefill + decode block, whatever ε_b
+    assert step._cache_size() - before <= 2  # prefill + decode block, for both runs
 
 
 def _chi2_ok(counts, probs, alpha_z=3.09):
