@@ -73,6 +73,20 @@ def _cache_size(P: int, B: int, n: int, max_new: int, bucket: int) -> int:
     return P + -(-grow // bucket) * bucket
 
 
+def _padded_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new: int, n: int,
+                    bucket: int):
+    """Left-padded prompts (tokens, positions, valid [B, P]) and the cache size S, after
+    checking that prompt + new tokens + one block of n fit the model's context."""
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + max_new + n > cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({longest} tokens) + max_new_tokens ({max_new}) + n_heads "
+                         f"({n}) exceeds the model's context of {cfg.max_position_embeddings}; "
+                         "shorten the prompt or ask for fewer tokens")
+    tokens, positions, valid = left_pad(prompts, bucket)
+    B, P = tokens.shape
+    return tokens, positions, valid, _cache_size(P, B, n, max_new, bucket)
+
+
 def _seen_of(tokens_BT, valid_BT, V):
     return jnp.any(jax.nn.one_hot(tokens_BT, V, dtype=bool) & valid_BT[..., None], axis=1)
 
@@ -193,15 +207,9 @@ def generate_verify(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[i
                     ) -> MTPResult:
     """Lossless decoding: greedy output equals plain greedy decoding of head 1; sampling keeps
     head 1's processed distribution. `on_tokens(step, new_tokens_per_row)` streams."""
-    tokens, positions, valid = left_pad(prompts, bucket)
-    B, P = tokens.shape
     n = n_heads
-    if max(len(p) for p in prompts) + max_new_tokens + n > cfg.max_position_embeddings:
-        raise ValueError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens "
-                         f"({max_new_tokens}) + n_heads ({n}) exceeds the model's context of "
-                         f"{cfg.max_position_embeddings}; shorten the prompt or ask for fewer "
-                         "tokens")
-    S = _cache_size(P, B, n, max_new_tokens, bucket)
+    tokens, positions, valid, S = _padded_prompts(cfg, prompts, max_new_tokens, n, bucket)
+    B, P = tokens.shape
     prefill, step = verify_steps(cfg, n, head_depth, sampling)
     rng = jax.random.key(seed)
     t0 = time.perf_counter()
@@ -281,15 +289,9 @@ def generate_multitoken(cfg: ModelConfig, params: dict, tables: CooccurTables,
     `on_tokens(step, new_tokens_per_row)` streams."""
     if opts.n_max > n_heads:
         raise ValueError(f"n_max={opts.n_max} exceeds the model's n_heads={n_heads}")
-    tokens, positions, valid = left_pad(prompts, bucket)
-    B, P = tokens.shape
     n = n_heads
-    if max(len(p) for p in prompts) + max_new_tokens + n > cfg.max_position_embeddings:
-        raise ValueError(f"prompt ({max(len(p) for p in prompts)} tokens) + max_new_tokens "
-                         f"({max_new_tokens}) + n_heads ({n}) exceeds the model's context of "
-                         f"{cfg.max_position_embeddings}; shorten the prompt or ask for fewer "
-                         "tokens")
-    S = _cache_size(P, B, n, max_new_tokens, bucket)
+    tokens, positions, valid, S = _padded_prompts(cfg, prompts, max_new_tokens, n, bucket)
+    B, P = tokens.shape
     fwd = multitoken_step(cfg, n, head_depth, plain_sampling(opts))
     rng, host_rng = jax.random.key(seed), np.random.default_rng(seed)
     ctx = [list(p) for p in prompts]
