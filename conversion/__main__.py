@@ -4,7 +4,17 @@ import: a Hugging Face folder → `OUT_DIR/params` (orbax, `jaxdyn.checkpoint.sa
 `OUT_DIR/model_config.json`, the tokenizer files, `generation_config.json` and the original
 `config.json` as `hf_config.json` (export reads its dtype and token ids back).
 export: an import folder or a training workdir → a Hugging Face folder with a model card.
-Both outputs appear atomically (written under a temporary name, then renamed).
+
+Outputs never destroy what conversion did not create (rules: `conversion.paths`):
+- OUT_DIR must not be, contain or be inside the source folder or a training workdir (a folder
+  with metrics.jsonl, or with model_config.json and checkpoints/ or without params/); refused
+  even with --overwrite.
+- An existing non-empty OUT_DIR is refused unless --overwrite, which replaces only a previous
+  conversion output (every entry a name import/export writes).
+- Object-store paths (gs://, s3://, http(s)://, …) are refused; copy the files locally.
+The output is written in a fresh sibling `OUT_DIR.tmp-…` and renamed onto OUT_DIR when
+complete (with --overwrite, swapped atomically; the old folder is deleted after the swap).
+Bad input: one line on stderr naming the path or flag, exit code 2, nothing written.
 """
 
 from __future__ import annotations
@@ -19,15 +29,13 @@ from collections.abc import Sequence
 from flax import traverse_util
 
 from conversion import hf_config, model_card
-from conversion.errors import ConversionError
-from conversion.hf_export import staging, write_hf
-from conversion.hf_import import from_hf
+from conversion.errors import ConversionError, UnreadableFileError
+from conversion.hf_export import parse_size, write_hf
+from conversion.hf_import import float_dtype, from_hf
+from conversion.paths import TOKENIZER_FILES, check_local, check_output, read_roots, staging
 from jaxdyn.checkpoint import load_model, save_params
 from jaxdyn.model import param_count
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
-                   "chat_template.jinja")
 HF_CONFIG = "hf_config.json"  # the imported config.json, kept for export
 
 
@@ -41,11 +49,30 @@ def copy_side_files(src: str, dst: str, names: Sequence[str]) -> list[str]:
     return copied
 
 
-def import_hf(hf_dir: str, out_dir: str, dtype: str = "float32", scan_layers: bool = True):
-    """Convert `hf_dir` into a jaxdyn import folder; returns the ImportReport."""
+def _source_dir(path: str, what: str) -> None:
+    check_local(path, what)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} {path!r} is not a folder; give a local "
+                                + ("Hugging Face model folder" if what == "HF_DIR" else
+                                   "`conversion import` folder or training workdir"))
+
+
+def import_hf(hf_dir: str, out_dir: str, dtype: str = "float32", scan_layers: bool = True,
+              overwrite: bool = False):
+    """Convert `hf_dir` into a jaxdyn import folder; returns the ImportReport.
+
+    Paths and flags are checked before any weight is read (`conversion.paths`)."""
+    _source_dir(hf_dir, "HF_DIR")
+    float_dtype(dtype)
+    sources = {"HF_DIR": hf_dir}
+    for blobs in read_roots(hf_dir)[1:]:  # a hub cache snapshot reads its repo's blobs/ too
+        sources["hub cache blobs/ of HF_DIR"] = blobs
+    out = dict(sources=sources,
+               overwrite=overwrite, what="OUT_DIR", overwrite_flag="--overwrite")
+    check_output(out_dir, **out)
     cfg, params, report = from_hf(hf_dir, dtype=dtype, scan_layers=scan_layers,
                                   return_report=True)
-    with staging(out_dir) as tmp:
+    with staging(out_dir, **out) as tmp:
         save_params(os.path.join(tmp, "params"), params)
         cfg.save(os.path.join(tmp, "model_config.json"))
         shutil.copy2(os.path.join(hf_dir, "config.json"), os.path.join(tmp, HF_CONFIG))
@@ -55,14 +82,31 @@ def import_hf(hf_dir: str, out_dir: str, dtype: str = "float32", scan_layers: bo
 
 
 def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
-              max_shard_size: str = "5GB"):
-    """Export an import folder or a training workdir to a Hugging Face folder + model card."""
-    cfg, params, tok_dir = load_model(ckpt_dir)
+              max_shard_size: str = "5GB", overwrite: bool = False):
+    """Export an import folder or a training workdir to a Hugging Face folder + model card.
+
+    Paths and flags are checked before the checkpoint is read (`conversion.paths`)."""
+    _source_dir(ckpt_dir, "CKPT_DIR")
+    if dtype is not None:
+        float_dtype(dtype)
+    parse_size(max_shard_size)
+    out = dict(sources={"CKPT_DIR": ckpt_dir}, overwrite=overwrite, what="OUT_DIR",
+               overwrite_flag="--overwrite")
+    check_output(out_dir, **out)
+    try:
+        cfg, params, tok_dir = load_model(ckpt_dir)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise UnreadableFileError(f"cannot read the checkpoint in CKPT_DIR {ckpt_dir!r}: {e}; "
+                                  "give a complete `conversion import` folder or training "
+                                  "workdir") from e
     extra = None
     if os.path.exists(os.path.join(ckpt_dir, HF_CONFIG)):
         extra = hf_config.read_config(os.path.join(ckpt_dir, HF_CONFIG))
         dtype = dtype or hf_config.hf_dtype(extra)
-    with staging(out_dir) as tmp:
+    hf_config.check_exportable(cfg)
+    with staging(out_dir, **out) as tmp:
         report = write_hf(cfg, params, tmp, dtype=dtype, max_shard_size=max_shard_size,
                           extra_config=extra)
         copied = copy_side_files(tok_dir, tmp, TOKENIZER_FILES)
@@ -88,9 +132,27 @@ def _dropped_count(params, dropped: list[str]) -> int:
                if re.sub(r"layers_\d+/", "layers/", k) in dropped)
 
 
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors become one line (and exit code 2) instead of argparse's usage block."""
+
+    def error(self, message):
+        raise _UsageError(f"{message}; see `{self.prog} --help`")
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    if isinstance(e, OSError) and not isinstance(e, ConversionError) and e.errno is not None:
+        msg += "; nothing was written"  # a system error (permissions, disk full, …)
+    return msg
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m conversion", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="python -m conversion", description=__doc__,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="Hugging Face folder -> jaxdyn checkpoint")
     imp.add_argument("hf_dir")
@@ -104,17 +166,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp.add_argument("--dtype", default=None,
                      help="tensor dtype (default: the imported model's, else the params')")
     exp.add_argument("--max_shard_size", default="5GB")
-    args = ap.parse_args(argv)
+    for p in (imp, exp):
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing OUT_DIR that is a previous conversion output "
+                            "(never a source folder or a training workdir)")
+    try:
+        args = ap.parse_args(argv)
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         if args.cmd == "import":
-            rep = import_hf(args.hf_dir, args.out_dir, args.dtype, not args.unrolled)
+            rep = import_hf(args.hf_dir, args.out_dir, args.dtype, not args.unrolled,
+                            overwrite=args.overwrite)
             print(rep)
             print(f"copied: {', '.join(rep.copied) or 'no tokenizer files'}\n"
                   f"wrote {os.path.abspath(args.out_dir)} (params/, model_config.json)")
         else:
-            print(export_hf(args.ckpt_dir, args.out_dir, args.dtype, args.max_shard_size))
-    except (ConversionError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+            print(export_hf(args.ckpt_dir, args.out_dir, args.dtype, args.max_shard_size,
+                            overwrite=args.overwrite))
+    except (ConversionError, OSError) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -33,3 +33,18 @@ class TiedEmbeddingError(ConversionError):
 
 class UnreadableFileError(ConversionError, OSError):
     """A weights or config file cannot be opened or parsed; the message names the file."""
+
+
+class UnsupportedPathError(ConversionError):
+    """A path is an object-store URL (`gs://`, `s3://`, `http(s)://`, …); conversion reads and
+    writes local folders only."""
+
+
+class UnsafePathError(ConversionError):
+    """A weights index names a file outside its checkpoint folder (`..`, an absolute path, a
+    symlink resolving outside); nothing outside the folder is opened."""
+
+
+class OutputRefusedError(ConversionError):
+    """The output folder exists, or would overlap the source or a training workdir; nothing was
+    written and nothing was removed."""

@@ -11,12 +11,10 @@ Multi-token models drop their extra heads. Everything dropped is listed in the r
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
-import shutil
 from typing import Any
 
 import numpy as np
@@ -24,6 +22,7 @@ from flax import traverse_util
 
 from conversion import hf_config, mapping
 from conversion.errors import ConversionError
+from conversion.paths import staging
 from jaxdyn.model import ModelConfig
 from jaxdyn.model.routing.options import unit_slots
 
@@ -52,12 +51,15 @@ class ExportReport:
 
 def parse_size(size: int | str) -> int:
     """Bytes of "5GB", "200MB", "10KiB" or an int (HF's convention: GB = 10^9)."""
-    if isinstance(size, int):
+    if isinstance(size, int) and size > 0:
         return size
+    size = str(size)
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", size.upper())
-    if not m:
-        raise ValueError(f"max_shard_size {size!r}: give bytes or e.g. '5GB', '200MB'")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or "B"])
+    n = int(float(m.group(1)) * _UNITS[m.group(2) or "B"]) if m else 0
+    if n <= 0:
+        raise ConversionError(f"max_shard_size {size!r}: give a positive size, e.g. '5GB', "
+                              "'200MB' or a number of bytes")
+    return n
 
 
 class _Source:
@@ -116,25 +118,6 @@ def _shards(plan, limit: int) -> list[list]:
     return shards + [cur] if cur else shards
 
 
-@contextlib.contextmanager
-def staging(out_dir: str):
-    """Yield a temporary folder that replaces `out_dir` only when the block succeeds."""
-    out_dir = os.path.abspath(out_dir)
-    tmp = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = f"{out_dir}.old-{os.getpid()}"
-    if os.path.exists(out_dir):
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_hf(cfg: ModelConfig, params: dict[str, Any], folder: str, *, dtype: str | None = None,
              max_shard_size: int | str = "5GB", extra_config: dict | None = None
              ) -> ExportReport:
@@ -179,15 +162,19 @@ def write_hf(cfg: ModelConfig, params: dict[str, Any], folder: str, *, dtype: st
 
 
 def to_hf(cfg: ModelConfig, params: dict[str, Any], out_dir: str, *, dtype: str | None = None,
-          max_shard_size: int | str = "5GB", extra_config: dict | None = None) -> ExportReport:
+          max_shard_size: int | str = "5GB", extra_config: dict | None = None,
+          overwrite: bool = False) -> ExportReport:
     """Write a Hugging Face folder (`AutoModelForCausalLM.from_pretrained` loads it).
 
     `dtype=None` keeps each parameter's dtype; `extra_config` carries token ids
     (`bos_token_id`, `eos_token_id`, `pad_token_id`) into config.json. The folder appears
-    atomically (written under a temporary name, then renamed).
+    atomically (written under a temporary name, then renamed). An existing non-empty `out_dir`
+    is refused unless `overwrite=True`, and then replaced only if it is a previous conversion
+    output outside any training workdir (`conversion.paths`).
     """
     hf_config.check_exportable(cfg)
-    with staging(out_dir) as tmp:
+    parse_size(max_shard_size)
+    with staging(out_dir, overwrite=overwrite) as tmp:
         report = write_hf(cfg, params, tmp, dtype=dtype, max_shard_size=max_shard_size,
                           extra_config=extra_config)
     report.out_dir = os.path.abspath(out_dir)

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import dataclasses
 import logging
+import os
 
 import flax.linen as nn
 import jax
@@ -21,11 +22,15 @@ from flax import traverse_util
 
 from conversion import hf_config, mapping
 from conversion.errors import (
+    ConversionError,
     MissingTensorError,
     ShapeMismatchError,
     TiedEmbeddingError,
     UnconsumedTensorError,
+    UnreadableFileError,
+    UnsupportedConfigError,
 )
+from conversion.paths import check_local
 from conversion.reader import CheckpointReader
 from jaxdyn import sharding
 from jaxdyn.model import ModelConfig, abstract_params
@@ -50,6 +55,19 @@ class ImportReport:
         return (f"imported {self.family}: {self.tensors} tensors, {self.bytes / 2**20:.1f} MiB "
                 f"({'/'.join(self.source_dtypes)} -> {self.param_dtype}) from "
                 f"{len(self.files)} file(s); {'tied' if self.tied else 'untied'} embeddings{ign}")
+
+
+def float_dtype(dtype, what: str = "--dtype") -> np.dtype:
+    """`dtype` as a floating numpy dtype (float32, bfloat16, float16, float64), else an error
+    naming `what`."""
+    try:
+        dt = np.dtype(jax.numpy.dtype(dtype))
+    except (TypeError, ValueError):
+        dt = None
+    if dt is None or not jax.numpy.issubdtype(dt, jax.numpy.floating):
+        raise UnsupportedConfigError(f"{what} {dtype!r} is not a floating-point dtype; use "
+                                     "float32, bfloat16 or float16")
+    return dt
 
 
 def _list(names, n: int = 20) -> str:
@@ -112,15 +130,22 @@ def from_hf(path: str, *, dtype: str = "float32", mesh: jax.sharding.Mesh | None
     `dtype` is the parameter dtype; `scan_layers` overrides the ModelConfig default layout;
     with `mesh`, each device receives only its slice (`jax.make_array_from_callback`).
     """
+    check_local(path, "Hugging Face folder")
+    pdt = float_dtype(dtype, "dtype")
     _release_freed_buffers()
     hf = hf_config.read_config(path)
-    cfg = hf_config.to_model_config(hf, param_dtype=str(np.dtype(dtype)),
-                                    scan_layers=scan_layers)
+    try:
+        cfg = hf_config.to_model_config(hf, param_dtype=str(pdt), scan_layers=scan_layers)
+    except ConversionError:
+        raise
+    except (KeyError, ValueError, TypeError) as e:
+        missing = f"lacks the field {e}" if isinstance(e, KeyError) else f"is invalid: {e}"
+        raise UnreadableFileError(f"{os.path.join(path, 'config.json')} {missing}; give the "
+                                  "config.json of a Hugging Face causal LM") from e
     reader = CheckpointReader(path)
     plan = mapping.expand(cfg, mapping.rules_for(cfg), reader.names)
     ignored = _check_names(cfg, reader, plan)
     shapes, shardings = _targets(cfg, mesh)
-    pdt = np.dtype(cfg.param_dtype)
     L = cfg.num_layers
 
     def key(jx: str, layer: int | None) -> tuple[str, tuple]:

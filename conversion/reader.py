@@ -5,7 +5,9 @@ Sources, first hit wins: `model.safetensors.index.json`, `model.safetensors`,
 `safe_open(framework="numpy")` for each tensor read, so no file stays mapped (mapped pages would
 count towards the process's resident memory); `.bin` files go through
 `torch.load(weights_only=True, mmap=True)` and need the `convert` extra. Nothing is unpickled
-beyond what `weights_only` allows.
+beyond what `weights_only` allows. Weight files are read only from inside the folder (an
+index entry with `..`, an absolute path or a symlink resolving outside is refused before any
+file is opened; hub cache snapshots may point into their own `blobs/`: `conversion.paths`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from conversion.errors import UnreadableFileError
+from conversion.paths import check_local, check_weight_file
 
 SAFE_INDEX, SAFE_ONE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN_ONE = "pytorch_model.bin.index.json", "pytorch_model.bin"
@@ -26,19 +29,25 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
 
 
 def _weight_files(path: str) -> tuple[str, list[str]]:
-    """("safetensors" | "bin", shard files) of a folder."""
+    """("safetensors" | "bin", shard files) of a folder; every file must lie inside it
+    (`conversion.paths.check_weight_file`), checked before any weight file is opened."""
+    check_local(path, "checkpoint folder")
     for index, kind in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):
         file = os.path.join(path, index)
-        if os.path.exists(file):
+        if os.path.lexists(file):
+            check_weight_file(path, index)
             try:
                 with open(file) as f:
                     weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError) as e:
+                if not isinstance(weight_map, dict):
+                    raise ValueError("weight_map is not an object")
+            except (OSError, ValueError, KeyError, TypeError) as e:
                 raise UnreadableFileError(f"cannot read {file}: {e}") from e
-            return kind, sorted({os.path.join(path, v) for v in weight_map.values()})
+            return kind, sorted({check_weight_file(path, v, index=file, entry=k)
+                                 for k, v in weight_map.items()})
     for one, kind in ((SAFE_ONE, "safetensors"), (BIN_ONE, "bin")):
-        if os.path.exists(os.path.join(path, one)):
-            return kind, [os.path.join(path, one)]
+        if os.path.lexists(os.path.join(path, one)):
+            return kind, [check_weight_file(path, one)]
     raise FileNotFoundError(f"no weights in {path!r}: expected {SAFE_INDEX}, {SAFE_ONE}, "
                             f"{BIN_INDEX} or {BIN_ONE}")
 
