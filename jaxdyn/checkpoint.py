@@ -5,7 +5,12 @@
 - `Checkpointer`: per step `{state, data, meta}` (training state, data-iterator state, run
   metadata), newest K kept, async. orbax writes `<step>.orbax-checkpoint-tmp` and commits by
   rename, so a save killed half-way never hides the previous step (`latest_step` skips it).
-- `load_model`: (ModelConfig, params, tokenizer folder) from an import or a training workdir.
+  A committed step can still be damaged afterwards (a truncated or deleted file, a disk
+  error): `restore_latest` restores the newest step that reads back whole, sets the damaged
+  newer ones aside as `damaged-<step>-<time>` (never deleted; orbax ignores the name) and says
+  so; if no step reads back, nothing is moved and `CheckpointDamagedError` lists why.
+- `load_model`: (ModelConfig, params, tokenizer folder) from an import or a training workdir
+  (the newest step whose parameters read back; a damaged newer one is skipped with a warning).
 Nothing here pickles: arrays go to tensorstore, the rest to JSON.
 """
 
@@ -13,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from typing import Any
 
 import jax
@@ -23,6 +30,34 @@ from jaxdyn.model import ModelConfig
 from jaxdyn.model.lora import merge_lora
 
 STATE, DATA, META = "state", "data", "meta"
+
+
+class CheckpointDamagedError(ValueError):
+    """No committed checkpoint step of a folder can be read back."""
+
+
+def _quiet_failed_read() -> None:
+    """After a failed restore, reads still in flight finish on orbax's closed asyncio loop and
+    Python prints one "Event loop is closed" traceback each (unraisable, harmless). Drop exactly
+    those; every other unraisable exception still goes to the previous hook."""
+    prev = sys.unraisablehook
+    if getattr(prev, "_jaxdyn", False):
+        return
+
+    def hook(u):
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is "
+                "closed"):
+            prev(u)
+
+    hook._jaxdyn = True
+    sys.unraisablehook = hook
+
+
+def _why(e: BaseException) -> str:
+    """One line for a failed restore (orbax/tensorstore messages run over many lines)."""
+    _quiet_failed_read()
+    first = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore")[0]
+    return f"{type(e).__name__}: {first[:160]}"
 
 
 def _quiet_orbax() -> None:
@@ -91,6 +126,49 @@ class Checkpointer:
             META: ocp.args.JsonRestore()}))
         return out[STATE], out[DATA], out[META]
 
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict, list[str]]:
+        """(step, state, data_state, meta, notes) of the newest step that restores whole.
+
+        Newer committed steps that fail to restore (truncated/missing files, missing metadata,
+        an empty step folder) are set aside as `damaged-<step>-<UTC time>` in this folder, only
+        once an older step restored (so a failure that is not damage, e.g. another model's
+        shapes, moves nothing); `notes` says what happened. No step restores ->
+        `CheckpointDamagedError` naming each step and its error; nothing is moved."""
+        failed: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, data, meta = self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types
+                failed.append((step, _why(e)))
+                continue
+            notes = [self._set_aside(s, why) for s, why in failed]
+            if failed:
+                self.mngr.reload()
+                notes.append(f"resumed from step {step}, the newest intact checkpoint")
+            return step, state, data, meta, notes
+        raise CheckpointDamagedError(self._none_intact(failed))
+
+    def _none_intact(self, failed: list[tuple[int, str]]) -> str:
+        steps = "; ".join(f"step {s}: {why}" for s, why in failed) or "no committed step"
+        return (f"no checkpoint in {self.directory} can be restored ({steps}); if the model or "
+                "config changed, use a new workdir; if the files are damaged, move the folder "
+                "aside to start over (nothing was moved or deleted)")
+
+    def _set_aside(self, step: int, why: str) -> str:
+        """Rename a damaged step folder out of orbax's view (process 0; never deleted)."""
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(self.directory,
+                           f"damaged-{step}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"jaxdyn: damaged step {step} set aside")
+        msg = f"warning: checkpoint step {step} is damaged ({why}); kept aside as {dst}"
+        print(msg, file=sys.stderr)
+        return msg
+
     def restore_meta(self, step: int) -> dict:
         return self.mngr.restore(step, args=ocp.args.Composite(**{
             META: ocp.args.JsonRestore()}))[META]
@@ -141,13 +219,30 @@ class Checkpointer:
         self.mngr.close()
 
 
-def _workdir_ckpt(path: str) -> tuple[Checkpointer, int]:
+def _workdir_ckpt(path: str) -> Checkpointer:
     ckpt = Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
-    step = ckpt.latest_step()
-    if step is None:
+    if ckpt.latest_step() is None:
         ckpt.close()
-        raise FileNotFoundError(f"no finished checkpoint under {path}/checkpoints")
-    return ckpt, step
+        raise FileNotFoundError(f"no finished checkpoint under {path}/checkpoints; train first "
+                                f"(python -m jaxdyn.train ... --workdir {path})")
+    return ckpt
+
+
+def _newest_readable(ckpt: Checkpointer, read) -> tuple[int, Any]:
+    """(step, read(step)) for the newest step `read` succeeds on; older steps are tried when
+    a newer one is damaged, with a warning (read-only: nothing is moved)."""
+    failed: list[tuple[int, str]] = []
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        try:
+            out = read(step)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types
+            failed.append((step, _why(e)))
+            continue
+        for s, why in failed:
+            print(f"warning: checkpoint step {s} in {ckpt.directory} is damaged ({why}); "
+                  f"using step {step}", file=sys.stderr)
+        return step, out
+    raise CheckpointDamagedError(ckpt._none_intact(failed))
 
 
 def model_params_shapes(path: str) -> Any:
@@ -155,9 +250,9 @@ def model_params_shapes(path: str) -> Any:
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "params")):
         return params_shapes(os.path.join(path, "params"))
-    ckpt, step = _workdir_ckpt(path)
+    ckpt = _workdir_ckpt(path)
     try:
-        return ckpt.params_shapes(step)
+        return _newest_readable(ckpt, ckpt.params_shapes)[1]
     finally:
         ckpt.close()
 
@@ -175,10 +270,10 @@ def load_model(path: str, target: Any | None = None) -> tuple[ModelConfig, Any, 
     cfg = ModelConfig.load(cfg_path)
     if os.path.isdir(os.path.join(path, "params")):
         return cfg, load_params(os.path.join(path, "params"), target), path
-    ckpt, step = _workdir_ckpt(path)
+    ckpt = _workdir_ckpt(path)
     try:
-        params, lora = ckpt.restore_params(step, target)
-        meta = ckpt.restore_meta(step)
+        _, (params, lora, meta) = _newest_readable(
+            ckpt, lambda s: (*ckpt.restore_params(s, target), ckpt.restore_meta(s)))
     finally:
         ckpt.close()
     if lora:
