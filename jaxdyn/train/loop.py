@@ -1,10 +1,13 @@
 """The training loop: `train_and_evaluate(cfg, workdir)`.
 
 Rerunning the same command in the same workdir resumes from the newest checkpoint, data
-position included. The loop is objective-agnostic: what is trained (the model, its
-parameters, loss, data, trainable set and closing sample) comes from `train.objective`
-(`jaxdyn.train.objectives`); everything else (mesh and sharding rules, gradient accumulation,
-checkpoints, resume, preemption, metrics, validation) is the same for every run.
+position included. A workdir is safe (`jaxdyn.train.workdir`): one trainer at a time, one model
+per workdir, nothing written through a symlink out of it, and nothing written at all by a run
+that is refused or has nothing left to train. The loop is objective-agnostic: what is trained
+(the model, its parameters, loss, data, trainable set and closing sample) comes from
+`train.objective` (`jaxdyn.train.objectives`); everything else (mesh and sharding rules,
+gradient accumulation, checkpoints, resume, preemption, metrics, validation) is the same for
+every run.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from jaxdyn.model.lora import merge_lora
 from jaxdyn.model.units import flatten_aux
 from jaxdyn.train import flops, schema
 from jaxdyn.train.init import check_init_checkpoint, dense_transfer_source, initial_params
-from jaxdyn.train.metrics import MetricsWriter
+from jaxdyn.train.metrics import MetricsWriter, last_logged, read_metrics
 from jaxdyn.train.objectives import LanguageModel, make_objective
 from jaxdyn.train.optim import trainable_mask
 from jaxdyn.train.setup import (
@@ -45,6 +48,14 @@ from jaxdyn.train.state import (
     trainable_rules,
 )
 from jaxdyn.train.step import evaluate, make_eval_step, make_train_step
+from jaxdyn.train.workdir import (
+    WorkdirLock,
+    check_run_paths,
+    check_same_run,
+    committed_step,
+    nothing_to_train,
+    refuse_url,
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,42 +64,58 @@ class NonFiniteLossError(FloatingPointError):
 
 def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     """Train per `cfg` in `workdir` (resuming from its newest checkpoint); returns the metrics
-    of the last logged step (`train/...`, `val/...`). Config, data and init-checkpoint errors
-    are raised before anything is written to the workdir or compiled."""
+    of the last logged step (`train/...`, `val/...`). Config, data, init-checkpoint and workdir
+    errors (a URL, another trainer's lock, another model, a symlink out of the workdir) are
+    raised before anything is written to the workdir or compiled."""
+    refuse_url("--workdir", workdir, "workdirs")
+    refuse_url("--config.init.checkpoint", cfg.init.checkpoint, "checkpoints")
+    refuse_url("--config.data.cache_dir", cfg.data.cache_dir, "caches")
     workdir = os.path.abspath(workdir)
     cfg = schema.finalize(cfg, workdir=workdir)
     apply_debug_switches(cfg)
     mesh = make_mesh(cfg)
     make_objective(cfg)  # an unknown objective or a missing feature block fails here
-    tok = make_tokenizer_for(cfg, workdir)
+    check_run_paths(workdir)
+    check_same_run(workdir, cfg, schema.model_config(cfg), ignore=("model.vocab_size",))
+    with WorkdirLock(workdir, enabled=distributed.is_main_process()):  # released on any exit
+        return _train(cfg, workdir, mesh)
+
+
+def _train(cfg: mlc.ConfigDict, workdir: str, mesh) -> dict[str, float]:
+    """`train_and_evaluate` once the workdir is locked."""
+    tok = make_tokenizer_for(cfg, workdir)  # on resume: read from the workdir
     cfg = schema.finalize(cfg, vocab_size=tok.vocab_size, workdir=workdir)
     objective = make_objective(cfg)
     mcfg = schema.model_config(cfg)
+    check_same_run(workdir, cfg, mcfg)  # the vocabulary size too, now that it is known
     check_init_checkpoint(cfg)
+    main = distributed.is_main_process()  # only process 0 logs; every process checkpoints
+    start = committed_step(workdir)
+    history = read_metrics(workdir)  # a damaged metrics.jsonl is refused here, unwritten
+    done_already = nothing_to_train(workdir, start, cfg.train)
+    if done_already:
+        if main:
+            print(done_already)
+        return last_logged(history, start)
     t = cfg.train
     it, eval_batches = objective.data(tok, t.batch_size // t.grad_accum, jax.process_index(),
                                       jax.process_count())
     ckpt_dir = os.path.join(workdir, "checkpoints")
     rng = jax.random.key(t.seed)
-    start = Checkpointer(ckpt_dir, async_save=False).latest_step() \
-        if os.path.isdir(ckpt_dir) else None
+    ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     if start is None:  # params are created/read straight into their shardings
         params, report = initial_params(cfg, objective, jax.random.split(rng)[0], mesh)
         state = create_train_state(cfg, rng, params=params, mesh=mesh, objective=objective)
-    else:  # restore onto shapes and shardings only: no init checkpoint read, no random init
-        report = [f"resumed from step {start} in {ckpt_dir}"]
-        state = abstract_train_state(cfg, rng, mesh, objective)
+    else:  # restore onto shapes and shardings only: no init checkpoint read, no random init;
+        # the newest step that reads back whole (a damaged newer one is set aside)
+        start, state, data_state, _, notes = ckpt.restore_latest(
+            abstract_train_state(cfg, rng, mesh, objective))
+        report = (notes or [f"resumed from step {start} in {ckpt_dir}"]) \
+            + restore_data_state(it, data_state)  # every process: its own data position
     peak = flops.measure_peak_flops(jnp.dtype(mcfg.dtype))
-    write_run_files(workdir, cfg, mcfg, mesh, tok, report, peak)
-    main = distributed.is_main_process()  # only process 0 logs; every process checkpoints
+    write_run_files(workdir, cfg, mcfg, mesh, tok, report, peak)  # after a restore succeeded
     for line in report if main else ():
         print(line)
-    ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    if start is not None:
-        state, data_state, _ = ckpt.restore(start, state)
-        notes = restore_data_state(it, data_state)  # every process: its own data position
-        for line in notes if main else ():
-            print(line)
     start = start or 0
     writer = MetricsWriter(workdir, resume_step=start, tensorboard=cfg.log.tensorboard,
                            wandb_project=cfg.log.wandb_project if cfg.log.wandb else None,
@@ -132,7 +159,7 @@ def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
                 if t_last is None:  # the first step compiled: time from its end
                     jax.block_until_ready(m["loss"])
                     t_last, step_last = time.perf_counter(), done
-                stopping = preempt.requested or ckpt.reached_preemption(done) or done == stop
+                stopping = preempt.agreed() or ckpt.reached_preemption(done) or done == stop
                 is_log = done % cfg.log.every == 0 or stopping
                 is_save = done % cfg.checkpoint.every == 0 or stopping
                 is_eval = done % cfg.eval.every == 0 or done == t.steps

@@ -2,7 +2,8 @@
 
 One JSON object per line, flat `/`-separated keys. Non-finite values are written as `null` and
 listed under `"nonfinite"`. On resume, lines past the restored step are dropped first so the
-file always describes one consistent run.
+file always describes one consistent run. A torn last line (a run killed mid-write) is dropped
+with a warning; a malformed line before it is damage and raises `MetricsFileError`.
 """
 
 from __future__ import annotations
@@ -10,18 +11,62 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
 from jaxdyn.distributed import is_main_process
+from jaxdyn.train.workdir import check_inside, safe_write
+
+_WARNED: set[tuple[str, int]] = set()  # (file, size) whose torn last line was reported
+
+
+class MetricsFileError(ValueError):
+    """metrics.jsonl has a malformed line that is not a torn last line."""
 
 
 def read_metrics(workdir: str) -> list[dict]:
+    """The rows of `workdir/metrics.jsonl` ([] when absent). A last line that does not parse
+    (left by a run killed mid-write) is dropped with a warning, printed once; a malformed line
+    before it raises `MetricsFileError` naming the file and line."""
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = [(i, line) for i, line in enumerate(data.split(b"\n"), 1) if line.strip()]
+    rows = []
+    for j, (i, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError included
+            if j < len(lines) - 1:
+                raise MetricsFileError(
+                    f"{path} line {i} is not a metrics row ({str(e).splitlines()[0][:80]}) "
+                    "and is not the last line, so it is damage, not an interrupted write: "
+                    "repair or delete that line (checkpoints are unaffected)") from None
+            if (path, len(data)) not in _WARNED:
+                _WARNED.add((path, len(data)))
+                print(f"{path}: dropped a torn last line ({len(line)} bytes) left by an "
+                      "interrupted run", file=sys.stderr)
+            break
+        rows.append(row)
+    return rows
+
+
+def last_logged(rows: list[dict], step: int) -> dict[str, float]:
+    """What the trainer returns at `step`: the last train row up to it and the validation
+    rows logged after that row (None -> nan)."""
+    last: dict[str, float] = {}
+    for r in rows:
+        if r.get("step", 0) > step or r.get("split") == "transfer":
+            continue
+        vals = {k: float("nan") if v is None else float(v) for k, v in r.items()
+                if k not in ("step", "split", "time", "nonfinite")}
+        last = vals if r.get("split") == "train" else {**last, **vals}
+    return last
 
 
 class MetricsWriter:
@@ -35,15 +80,14 @@ class MetricsWriter:
         if not self.active:
             return
         os.makedirs(workdir, exist_ok=True)
+        check_inside(workdir, "metrics.jsonl")  # refuses a symlink out of the workdir
         kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in kept)
-        os.replace(tmp, self.path)
+        safe_write(workdir, "metrics.jsonl",
+                   "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
         self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
         if tensorboard:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.tb = SummaryWriter(check_inside(workdir, "tensorboard"))
         if wandb_project:
             try:
                 import wandb

@@ -1,6 +1,7 @@
 """Set-up pieces of the trainer: mesh, tokenizer, batches across processes, run files,
 fail-fast switches and preemption. Each raises a named error before anything is compiled or
-written to the workdir.
+written to the workdir. Run files are written atomically and never through a symlink out of
+the workdir (`jaxdyn.train.workdir.safe_write`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from jaxdyn.data import DataConfig, load_documents
 from jaxdyn.data.tokenizer import make_tokenizer
 from jaxdyn.model import ModelConfig
 from jaxdyn.train import flops
+from jaxdyn.train.workdir import check_inside, safe_write
 
 
 def make_mesh(cfg: mlc.ConfigDict) -> jax.sharding.Mesh:
@@ -59,7 +61,7 @@ def apply_debug_switches(cfg: mlc.ConfigDict) -> None:
 
 def make_tokenizer_for(cfg: mlc.ConfigDict, workdir: str):
     """The configured tokenizer; a BPE one is trained on the train split once per workdir."""
-    directory = os.path.join(workdir, "tokenizer")
+    directory = check_inside(workdir, "tokenizer")
     make = lambda texts: make_tokenizer(cfg.tokenizer.kind, directory=directory, texts=texts,
                                         vocab_size=cfg.tokenizer.vocab_size,
                                         checkpoint_dir=cfg.init.checkpoint or None)
@@ -139,14 +141,15 @@ def stack_batches(it, accum: int, mesh) -> dict[str, jax.Array]:
 
 def write_run_files(workdir: str, cfg: mlc.ConfigDict, mcfg: ModelConfig, mesh, tok,
                     report: list[str], peak: float) -> None:
-    """config.json (resolved), model_config.json, run.json (versions, devices, git), tokenizer."""
+    """config.json (resolved), model_config.json, run.json (versions, devices, git), tokenizer.
+    The trainer writes them once the run is set up (on resume: after the restore), so a rerun
+    refused earlier leaves the workdir's record of its run as it was."""
     if not distributed.is_main_process():
         return
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2))
-    mcfg.save(os.path.join(workdir, "model_config.json"))
-    tok.save(os.path.join(workdir, "tokenizer"))
+    safe_write(workdir, "config.json", cfg.to_json_best_effort(indent=2))
+    safe_write(workdir, "model_config.json", json.dumps(mcfg.to_dict(), indent=2, sort_keys=True))
+    tok.save(check_inside(workdir, "tokenizer"))
     try:
         git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(__file__), timeout=5).stdout.strip()
@@ -159,8 +162,7 @@ def write_run_files(workdir: str, cfg: mlc.ConfigDict, mcfg: ModelConfig, mesh, 
            "mesh": dict(mesh.shape), "git": git, "argv": sys.argv, "init": report,
            "peak_flops_measured": peak, "peak_flops_vendor": flops.vendor_peak(),
            "train_flops_per_token": flops.train_flops_per_token(mcfg, cfg.train.seq_len)}
-    with open(os.path.join(workdir, "run.json"), "w") as f:
-        json.dump(run, f, indent=2)
+    safe_write(workdir, "run.json", json.dumps(run, indent=2))
 
 
 class Preemption:
@@ -177,6 +179,17 @@ class Preemption:
             raise KeyboardInterrupt
         self.requested = True
         print(f"\nsignal {signum}: saving at the end of this step", file=sys.stderr)
+
+    def agreed(self) -> bool:
+        """True on every process once any process got the signal (a collective when several
+        processes run): they all save the same step and leave together, instead of one
+        waiting in a collective for a peer that already left."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.array([int(self.requested)], np.int32))
+        return bool(np.max(flags))
 
     def restore(self):
         for sig, h in self._old.items():
