@@ -15,12 +15,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-from jaxdyn.cli.common import load_for_inference
+from jaxdyn.cli.common import cli_main, load_for_inference
 from jaxdyn.data import DataConfigError, DataSourceNotFoundError, EmptyDatasetError
 from jaxdyn.evaluate.lm_eval import run_tasks
 from jaxdyn.evaluate.perplexity import SPLITS, evaluate, load_corpus
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m jaxdyn.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

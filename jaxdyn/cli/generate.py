@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 
-from jaxdyn.cli.common import load_for_inference, read_prompts
+from jaxdyn.cli.common import cli_main, load_for_inference, read_prompts
 from jaxdyn.decode.generate import generate, truncate_at_stop
-from jaxdyn.decode.sampling import SamplingConfig
+from jaxdyn.decode.sampling import LIMITS, SamplingConfig, sampling_errors
 from jaxdyn.model import ModelConfig
 from jaxdyn.multitoken.cooccur import CooccurTables
 from jaxdyn.multitoken.decode import generate_multitoken, generate_verify
@@ -36,6 +37,29 @@ def _run_blocks(checkpoint: str) -> tuple[dict, dict]:
     except (OSError, ValueError):
         return {}, {}
     return dict(run.get("dynamo") or {}), dict(run.get("mtp") or {})
+
+
+def check_flags(args) -> None:
+    """Refuse out-of-range numbers (NaN and inf included) before anything loads, by flag."""
+    given = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p",
+                                           "repetition_penalty")}
+    neutral = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+    bad = sampling_errors(**{k: neutral[k] if v is None else v for k, v in given.items()})
+    if bad:
+        raise SystemExit(f"--{bad[0]} {given[bad[0]]}: {LIMITS[bad[0]]}")
+    finite = lambda v: v is None or math.isfinite(v)
+    checks = [
+        ("--max_new_tokens", args.max_new_tokens, args.max_new_tokens >= 1, "must be >= 1"),
+        ("--threshold", args.threshold, finite(args.threshold) and
+         (args.threshold is None or 0.0 <= args.threshold <= 1.0), "must lie in [0, 1]"),
+        ("--alpha_c", args.alpha_c, finite(args.alpha_c), "must be a finite number"),
+        ("--n_max", args.n_max, args.n_max is None or args.n_max >= 1, "must be >= 1"),
+        ("--penalty_window", args.penalty_window,
+         args.penalty_window is None or args.penalty_window >= 1, "must be >= 1"),
+    ]
+    for flag, value, ok, rule in checks:
+        if not ok:
+            raise SystemExit(f"{flag} {value}: {rule}")
 
 
 def fill_sampling_defaults(args) -> None:
@@ -109,6 +133,7 @@ def decode(args, cfg: ModelConfig, params, tok, prompts, on_tokens=None):
                  f"back-offs {res.backoffs}")
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m jaxdyn.generate", description=__doc__)
     ap.add_argument("--checkpoint", required=True,
@@ -143,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--time", help="YYYY-MM-DD date for a temporal-adapter checkpoint")
     ap.add_argument("--graph", help="causal graph JSON (temporal record schema) for it")
     args = ap.parse_args(argv)
+    check_flags(args)
     fill_sampling_defaults(args)
     if args.time is not None or args.graph is not None:  # temporal adapters (DYNAMO)
         return temporal(args)

@@ -7,9 +7,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from jaxdyn.cli.common import cli_main
 from jaxdyn.multitoken.cooccur import build_tables, iter_docs, tokenized_sources
 
 
+@cli_main
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m jaxdyn.multitoken")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -31,6 +33,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     co.add_argument("--text_field", default="text", help="text column of JSONL/Parquet/hub data")
     co.add_argument("--max_documents", type=int, default=0, help="with --tokenizer; 0 = all")
     args = ap.parse_args(argv)
+    for flag, value, low in (("--vocab_size", args.vocab_size, 1), ("--buffer", args.buffer, 1),
+                             ("--min_count", args.min_count, 1),
+                             ("--max_documents", args.max_documents, 0)):
+        if value is not None and value < low:
+            raise SystemExit(f"{flag} {value}: must be >= {low}")
     docs = lambda: iter_docs(args.data, args.doc_sep, args.pad_id)
     V = args.vocab_size
     if args.tokenizer:
@@ -42,7 +49,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif V is None and all(p == "builtin" for p in args.data):
         V = 258  # the byte tokenizer of jaxdyn.data.tokenizer (bytes, EOS, PAD)
     elif V is None:
-        V = max(int(d.max()) + 1 for d in docs() if d.size)
+        V = max((int(d.max()) + 1 for d in docs() if d.size), default=0)
+        if not V:
+            raise SystemExit(f"--data {' '.join(args.data)}: no tokens to count; give "
+                             "non-empty files or --vocab_size")
         V = max(V, 256) if all(Path(p).suffix not in (".jsonl", ".npy") for p in args.data) else V
     meta = build_tables(docs(), V, args.out, args.max_order, args.buffer, args.min_count,
                         args.fingerprint)

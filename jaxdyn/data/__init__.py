@@ -16,6 +16,8 @@ import numpy as np
 
 from jaxdyn.data.errors import (
     DataConfigError,
+    DataFieldError,
+    DataFormatError,
     DataSourceNotFoundError,
     EmptyDatasetError,
     UnknownSourceError,
@@ -23,7 +25,8 @@ from jaxdyn.data.errors import (
 from jaxdyn.data.packing import PackedIterator, check_shape
 from jaxdyn.data.sources import builtin_corpus_files, read_source, split_documents
 
-__all__ = ["DataConfig", "DataConfigError", "DataSourceNotFoundError", "EmptyDatasetError",
+__all__ = ["DataConfig", "DataConfigError", "DataFieldError", "DataFormatError",
+           "DataSourceNotFoundError", "EmptyDatasetError",
            "PackedIterator", "UnknownSourceError", "builtin_corpus_files", "load_documents",
            "make_eval_batches", "make_train_iterator", "text_data", "tokenize_documents"]
 
@@ -100,8 +103,12 @@ def tokenize_documents(docs: list[str], tokenizer, cache_dir: str = "") -> list[
         os.makedirs(cache_dir, exist_ok=True)
         for p, a in zip(paths, (flat, offsets), strict=True):
             tmp = f"{p}.{uuid.uuid4().hex}.tmp.npy"
-            np.save(tmp, a, allow_pickle=False)
-            os.replace(tmp, p)  # atomic: concurrent processes never see half a file
+            try:
+                np.save(tmp, a, allow_pickle=False)
+                os.replace(tmp, p)  # atomic: concurrent processes never see half a file
+            finally:
+                if os.path.exists(tmp):  # a failed save (disk full) leaves no stray file
+                    os.remove(tmp)
     return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 

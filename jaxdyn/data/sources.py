@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
+import shutil
 import sysconfig
 import warnings
 
 import numpy as np
 
-from jaxdyn.data.errors import DataSourceNotFoundError, EmptyDatasetError, UnknownSourceError
+from jaxdyn.data.errors import (
+    DataFieldError,
+    DataFormatError,
+    DataSourceNotFoundError,
+    EmptyDatasetError,
+    UnknownSourceError,
+)
 
 BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
@@ -71,14 +79,164 @@ def _local_files(source: str) -> list[str]:
 
 def _column(ds, field: str, where: str) -> list:
     if field not in ds.column_names:
-        raise KeyError(f"{where} has no column {field!r} (columns: {ds.column_names}); set "
-                       "data.text_field")
+        raise DataFieldError(f"{where} has no column {field!r} (columns: {ds.column_names}); "
+                             "set data.text_field")
     return ds[field]
 
 
+# ----------------------------------------------------------------------------- bad files
+
+_TEXT_FIX = ("convert it to UTF-8 (e.g. `iconv -f LATIN1 -t UTF-8 IN > OUT`) or remove it from "
+             "data.source")
+_BINARY_FIX = "it looks binary, not text: remove it from data.source"
+
+
+def _json_fix(field: str, whole: bool = False) -> str:
+    if whole:
+        return (f"a .json file must hold a JSON list of objects with a {field!r} text field "
+                "(data.text_field), or one such object per line")
+    return (f"each line must be a JSON object with a {field!r} text field (data.text_field), "
+            f'e.g. {{"{field}": "..."}}')
+
+
+def _line_bytes_problem(n: int, raw: bytes, fix: str) -> str | None:
+    """UTF-16, NUL bytes (binary) or not UTF-8 in line `n` of a text file; None if fine."""
+    if n == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return ("it is UTF-16 text (it starts with a byte-order mark); convert it to UTF-8 "
+                "(e.g. `iconv -f UTF-16 -t UTF-8 IN > OUT`)")
+    if b"\0" in raw:
+        return f"line {n} holds NUL bytes; {_BINARY_FIX}"
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"line {n} is not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); {fix}"
+    return None
+
+
+def _text_problem(path: str) -> str | None:
+    """What makes a .txt file unreadable as UTF-8 text, or None."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            problem = _line_bytes_problem(n, raw, _TEXT_FIX)
+            if problem:
+                return problem
+    return None
+
+
+def _json_lines_problem(path: str, field: str, whole: bool = False) -> str | None:
+    """The first line of a JSON-lines file that is not a UTF-8 JSON object, or None."""
+    fix = _json_fix(field, whole)
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            problem = _line_bytes_problem(n, raw, "convert it to UTF-8")
+            if problem:
+                return problem
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except ValueError as e:
+                return f"line {n} is not valid JSON ({e.msg} at column {e.colno}); {fix}"
+            if not isinstance(rec, dict):
+                return f"line {n} is a JSON {type(rec).__name__}, not an object; {fix}"
+    return None
+
+
+def _json_problem(path: str, field: str) -> str | None:
+    """.json: one JSON document (a list of objects, or an object of columns) or JSON lines."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (UnicodeDecodeError, ValueError):
+        pass  # maybe JSON lines: report its first bad line
+    else:
+        if isinstance(doc, list) and not all(isinstance(r, dict) for r in doc):
+            i = next(i for i, r in enumerate(doc) if not isinstance(r, dict))
+            return (f"item {i} of its JSON list is a {type(doc[i]).__name__}, not an object; "
+                    f"{_json_fix(field, True)}")
+        if not isinstance(doc, list | dict):
+            return f"it holds a JSON {type(doc).__name__}; {_json_fix(field, True)}"
+        return None
+    return _json_lines_problem(path, field, whole=True)
+
+
+def _parquet_problem(path: str) -> str | None:
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - any reader failure is the file's
+        return (f"it is not a readable Parquet file ({' '.join(str(e).split())}); rewrite it "
+                "with pyarrow/pandas `to_parquet` or remove it from data.source")
+    return None
+
+
+def _file_problem(path: str, builder: str, field: str) -> str | None:
+    if builder == "text":
+        return _text_problem(path)
+    if builder == "parquet":
+        return _parquet_problem(path)
+    if path.lower().endswith(".json"):
+        return _json_problem(path, field)
+    return _json_lines_problem(path, field)
+
+
+def _format_error(builder: str, files: list[str], field: str,
+                  cause: BaseException | None) -> DataFormatError:
+    """The named error of the first bad file of `files` (or of them all, with the cause)."""
+    for f in files:
+        problem = _file_problem(f, builder, field)
+        if problem:
+            return DataFormatError(f"data file {f!r}: {problem}")
+    while cause is not None and (cause.__cause__ or cause.__context__) is not None:
+        cause = cause.__cause__ or cause.__context__
+    why = f" ({type(cause).__name__}: {' '.join(str(cause).split())})" if cause else ""
+    shown = ", ".join(repr(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+    hint = {"text": _TEXT_FIX, "parquet": "rewrite them with pyarrow/pandas `to_parquet`"}
+    return DataFormatError(f"data files {shown} could not be read as {builder}{why}; "
+                           f"{hint.get(builder, _json_fix(field))}")
+
+
+class _CacheGuard:
+    """Removes what a refused read added to the `datasets` cache (lock files, builder folders,
+    Arrow files of refused data) and the cache folders this read created. `datasets` itself
+    moves finished Arrow files into place, so a successful read leaves only whole entries.
+    Only the cache's top level and the folders of the builders used are looked at."""
+
+    def __init__(self, root: str, builders: list[str], made: list[str]) -> None:
+        self.root, self.made = root, [d for d in made if d and not os.path.exists(d)]
+        self.dirs = [os.path.join(root, b) for b in builders]
+        self.before = self._paths()
+
+    def _paths(self) -> set[str]:
+        out = {os.path.join(self.root, x) for x in os.listdir(self.root)} \
+            if os.path.isdir(self.root) else set()
+        for top in self.dirs:
+            for d, dirs, files in os.walk(top):
+                out.update(os.path.join(d, x) for x in dirs + files)
+        return out
+
+    def undo(self) -> None:
+        for p in sorted(self._paths() - self.before, key=len, reverse=True):
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.lexists(p):
+                os.remove(p)
+        for d in self.made:  # deepest first
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+
+
 def _local(source: str, field: str, max_documents: int, cache_dir: str) -> list[str]:
-    """.txt: one document per file, or blank-line paragraphs when `source` is one file."""
+    """.txt: one document per file, or blank-line paragraphs when `source` is one file.
+
+    A file that is not what its extension says (non-UTF-8 or binary text, malformed JSON
+    lines, not Parquet) raises `DataFormatError` naming it, its first bad line and the fix,
+    and leaves nothing new in the `datasets` cache."""
     import datasets
+    import pyarrow as pa
 
     files = _local_files(source)
     hf_cache = os.path.join(cache_dir, "hf_datasets") if cache_dir else None
@@ -88,22 +246,39 @@ def _local(source: str, field: str, max_documents: int, cache_dir: str) -> list[
         if os.path.getsize(f) == 0:
             continue  # `datasets` cannot infer a schema from an empty file
         by_builder.setdefault(BUILDERS[os.path.splitext(f)[1].lower()], []).append(f)
+    unreadable = (datasets.exceptions.DatasetsError, ValueError, pa.ArrowException)
+    guard = _CacheGuard(hf_cache or datasets.config.HF_DATASETS_CACHE, list(by_builder),
+                        [hf_cache, cache_dir] if hf_cache else [])
     was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its errors become ours
     try:
         for builder, fs in by_builder.items():
-            if builder == "text":
-                sample_by = "paragraph" if len(files) == 1 else "document"
-                ds = datasets.load_dataset("text", data_files=fs, split="train",
-                                           sample_by=sample_by, cache_dir=hf_cache)
-                docs.extend(ds["text"])
-            else:
+            kw = {"sample_by": "paragraph" if len(files) == 1 else "document"} \
+                if builder == "text" else {}
+            try:  # bad bytes inside a JSON string fail only when the column is read
                 ds = datasets.load_dataset(builder, data_files=fs, split="train",
-                                           cache_dir=hf_cache)
-                docs.extend(_column(ds, field, f"{builder} data {fs[0]!r}"))
+                                           cache_dir=hf_cache, **kw)
+                got = list(ds["text"] if builder == "text" else
+                           _column(ds, field, f"{builder} data {fs[0]!r}"))  # (lazy column)
+            except DataFormatError:
+                raise
+            except unreadable as e:
+                raise _format_error(builder, fs, field, e) from e
+            if builder != "parquet" and any(isinstance(d, str) and "\0" in d for d in got):
+                bad = next((f for f in fs if _file_problem(f, builder, field)), None)
+                if bad:  # raw NUL bytes (an escaped \u0000 in JSON is the data's own)
+                    raise DataFormatError(f"data file {bad!r}: "
+                                          f"{_file_problem(bad, builder, field)}")
+            docs.extend(got)
             if max_documents and len(docs) >= max_documents:
                 break
+    except DataFormatError:
+        guard.undo()
+        raise
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if was_enabled:
             datasets.enable_progress_bars()
     return docs[:max_documents] if max_documents else docs
@@ -125,7 +300,7 @@ def _hub(spec: str, field: str, max_documents: int, cache_dir: str) -> list[str]
     docs = []
     for row in ds:
         if field not in row:
-            raise KeyError(f"hub dataset {name!r} has no column {field!r} (columns: "
+            raise DataFieldError(f"hub dataset {name!r} has no column {field!r} (columns: "
                            f"{sorted(row)}); set data.text_field")
         docs.append(row[field])
         if max_documents and len(docs) >= max_documents:

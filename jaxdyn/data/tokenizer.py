@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -22,6 +23,24 @@ _EOS_GUESSES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>
 
 class TokenizerNotFoundError(FileNotFoundError):
     """A folder holds no tokenizer this module can read."""
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _write_atomic(path: str, write: Callable[[str], None]) -> None:
+    """`write(tmp)` to a temporary file beside `path`, then rename it over `path`: readers
+    (and a crash) never see half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 class Tokenizer:
@@ -57,8 +76,8 @@ class Tokenizer:
 
     def _write_meta(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, META_FILE), "w") as f:
-            json.dump(self._meta(), f, indent=2)
+        _write_atomic(os.path.join(directory, META_FILE),
+                      lambda tmp: _write_text(tmp, json.dumps(self._meta(), indent=2)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._meta()})"
@@ -145,10 +164,11 @@ class HFTokenizer(Tokenizer):
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def save(self, directory: str) -> None:
-        """`tokenizer.json` plus the special-token ids in `jaxdyn_tokenizer.json`."""
-        os.makedirs(directory, exist_ok=True)
-        self.tok.save(os.path.join(directory, HF_FILE))
+        """`tokenizer.json` plus the special-token ids in `jaxdyn_tokenizer.json`, each written
+        whole (temp file + rename), the ids first: a `tokenizer.json` there (what
+        `make_tokenizer` looks for) always has its ids beside it."""
         self._write_meta(directory)
+        _write_atomic(os.path.join(directory, HF_FILE), self.tok.save)
 
     def fingerprint(self) -> str:
         h = hashlib.sha1(self.tok.to_str().encode())

@@ -6,6 +6,8 @@ Dimension legend: B batch, V vocabulary. All shapes are static; `top_k` is a Pyt
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +23,41 @@ class SamplingConfig:
     repetition_penalty: float = 1.0  # 1 = off; >1 discourages tokens already seen (CTRL style)
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"invalid sampling settings {self}: need temperature >= 0, "
-                             "top_k >= 0 and 0 < top_p <= 1")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
+        bad = sampling_errors(self.temperature, self.top_k, self.top_p,
+                              self.repetition_penalty)
+        if bad:
+            raise ValueError(f"invalid sampling setting {bad[0]}={getattr(self, bad[0])!r}: "
+                             f"{LIMITS[bad[0]]}")
+
+
+LIMITS = {"temperature": "must be a finite number >= 0 (0 = greedy)",
+          "top_k": "must be an integer >= 0 (0 = off)",
+          "top_p": "must be a number in (0, 1] (1 = off)",
+          "repetition_penalty": "must be a finite number > 0 (1 = off)"}
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(x)
+    except TypeError:
+        return False
+
+
+def sampling_errors(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0) -> list[str]:
+    """Names of the settings outside their range (`LIMITS`); NaN and inf are always out."""
+    bad = []
+    if not (_finite(temperature) and temperature >= 0):
+        bad.append("temperature")
+    try:
+        if operator.index(top_k) < 0:
+            bad.append("top_k")
+    except TypeError:
+        bad.append("top_k")
+    if not (_finite(top_p) and 0 < top_p <= 1):
+        bad.append("top_p")
+    if not (_finite(repetition_penalty) and repetition_penalty > 0):
+        bad.append("repetition_penalty")
+    return bad
 
 
 def apply_repetition_penalty(logits_BV: jax.Array, seen_BV: jax.Array,

@@ -17,7 +17,9 @@ Dimension legend: N queries, K n-gram order, V vocabulary.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -28,6 +30,12 @@ from jaxdyn.data.tokenizer import byte_tokenizer, load_tokenizer
 
 NAMES = {2: "pairs", 3: "triples", 4: "quads"}
 MAX_VOCAB = {2: 3_037_000_499, 3: 2_097_151, 4: 55_108}  # V^K < 2^63
+JSONL_FORMAT = ('each line must be {"tokens": [id, ...]} or a JSON list of integer token ids '
+                "(to count text, pass --tokenizer DIR)")
+
+
+class CooccurInputError(ValueError):
+    """An input file of the co-occurrence counter is not in a format it reads."""
 
 
 def encode(ngrams_NK: np.ndarray, vocab: int) -> np.ndarray:
@@ -105,16 +113,54 @@ def merge_runs(runs: Sequence[tuple[Path, Path]], out_keys: Path, out_counts: Pa
 def build_tables(docs: Iterable[np.ndarray], vocab_size: int, out_dir: str | Path,
                  max_order: int = 3, buffer_keys: int = 1 << 22, min_count: int = 1,
                  fingerprint: str = "") -> dict:
-    """Count n-grams (n = 1..max_order) within documents and write the tables to `out_dir`."""
+    """Count n-grams (n = 1..max_order) within documents and write the tables to `out_dir`.
+
+    The tables are counted in a hidden folder beside `out_dir` and moved in only when done: an
+    error (a bad input record, say) leaves `out_dir` as it was."""
     if max_order not in (2, 3, 4):
         raise ValueError(f"max_order must be 2, 3 or 4, got {max_order}")
     if vocab_size > MAX_VOCAB[max_order]:
         raise ValueError(f"V={vocab_size} is too large for int64 keys of order {max_order} "
                          f"(needs V <= {MAX_VOCAB[max_order]}); lower --max_order")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"tables folder {str(out)!r} is a file; give a folder")
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        meta = _count(docs, vocab_size, stage, max_order, buffer_keys, min_count, fingerprint)
+        _publish(stage, out)
+    except BaseException:  # nothing half-written is left behind, not even new parent folders
+        shutil.rmtree(stage, ignore_errors=True)
+        for p in made:
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+    return meta
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move finished tables into `out`: a rename when it is new, else file by file with
+    meta.json last (a reader never sees a meta.json ahead of its tables)."""
+    try:
+        os.rename(stage, out)
+        return
+    except OSError:
+        if not out.is_dir():
+            raise
+    names = sorted(p.name for p in stage.iterdir())
+    for name in sorted(names, key=lambda n: n == "meta.json"):
+        os.replace(stage / name, out / name)
+    stage.rmdir()
+
+
+def _count(docs: Iterable[np.ndarray], vocab_size: int, out: Path, max_order: int,
+           buffer_keys: int, min_count: int, fingerprint: str) -> dict:
+    """The tables of `docs`, written to the new folder `out`."""
     run_dir = out / "_runs"
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     orders = range(2, max_order + 1)
     uni = np.zeros(vocab_size, np.int64)
@@ -244,17 +290,15 @@ def iter_docs(paths: Sequence[str], doc_sep: int | None = None,
             yield from builtin_docs()
             continue
         path = Path(p)
+        if not path.exists():
+            raise FileNotFoundError(f"data path {p!r} does not exist; give files/folders "
+                                    "(.jsonl, .npy, text) or 'builtin'")
         if path.is_dir():
             yield from iter_docs([str(f) for f in sorted(path.rglob("*")) if f.is_file()])
         elif path.suffix == ".jsonl":
-            with open(path) as f:
-                for line in f:
-                    if line.strip():
-                        rec = json.loads(line)
-                        yield np.asarray(rec["tokens"] if isinstance(rec, dict) else rec,
-                                         np.int64)
+            yield from _jsonl_docs(path)
         elif path.suffix == ".npy":
-            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+            arr = _load_npy(path)
             if arr.ndim == 2:
                 for row in arr:
                     row = np.asarray(row, np.int64)
@@ -268,6 +312,45 @@ def iter_docs(paths: Sequence[str], doc_sep: int | None = None,
                         yield np.asarray(arr[lo:hi], np.int64)
         else:
             yield np.frombuffer(path.read_bytes(), np.uint8).astype(np.int64)
+
+
+def _jsonl_docs(path: Path) -> Iterator[np.ndarray]:
+    """Token arrays of a JSONL file; a bad line is a `CooccurInputError` naming file:line."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                rec = json.loads(raw)
+            except ValueError as e:  # UnicodeDecodeError included
+                raise CooccurInputError(f"{where}: not valid JSON ({e}); {JSONL_FORMAT}"
+                                        ) from None
+            if isinstance(rec, dict):
+                if "tokens" not in rec:
+                    raise CooccurInputError(f"{where}: the record has no 'tokens' field "
+                                            f"(fields: {sorted(rec)[:5]}); {JSONL_FORMAT}")
+                rec = rec["tokens"]
+            try:
+                arr = np.asarray(rec)
+            except ValueError:  # ragged nesting
+                arr = np.asarray([None])
+            if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+                raise CooccurInputError(f"{where}: 'tokens' is not a flat list of integer ids "
+                                        f"({json.dumps(rec)[:60]}); {JSONL_FORMAT}")
+            yield arr.astype(np.int64)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CooccurInputError(f"{path}: not a readable .npy array ({e}); save token ids with "
+                                "numpy.save") from None
+    if arr.dtype.kind not in "iu" or arr.ndim not in (1, 2):
+        raise CooccurInputError(f"{path}: holds a {arr.ndim}-D {arr.dtype} array; it must be "
+                                "1-D or 2-D integer token ids")
+    return arr
 
 
 def tokenized_sources(sources: Sequence[str], tokenizer_dir: str, text_field: str = "text",

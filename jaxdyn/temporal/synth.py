@@ -13,8 +13,12 @@ times (F4 pairs). Deterministic: numpy `default_rng(seed)`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import shutil
+import tempfile
 from collections import defaultdict
 
 import numpy as np
@@ -48,6 +52,40 @@ from jaxdyn.temporal.world import (  # noqa: F401  (re-exported: the benchmark's
     to_date,
     to_day,
 )
+
+# Smallest sizes the generator can draw a world and questions from (a company has up to 7
+# leaders in turn, 3 headquarters and 5 suppliers among the other companies).
+MIN_SIZES = {"n_companies": 6, "n_people": 7, "n_cities": 3, "n_sectors": 1, "n_train": 1,
+             "n_eval": 1, "n_max": 1, "e_max": 1, "seed": 0}
+OUTPUT_FILES = (*(f"{s}.jsonl" for s in SPLITS), "meta.json")
+
+
+class SynthConfigError(ValueError):
+    """A TCG-Synth size or setting the generator cannot use."""
+
+
+class SynthOutputError(ValueError):
+    """The output folder of `write` is refused (not empty, not a folder, foreign files)."""
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a SynthConfig field (n_train -> --n-train)."""
+    return "--" + name.replace("_", "-")
+
+
+def check_config(sc: SynthConfig) -> None:
+    """Refuse sizes the generator cannot use, naming the field and its flag."""
+    for name, low in MIN_SIZES.items():
+        v = getattr(sc, name)
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low:
+            raise SynthConfigError(f"{flag(name)} {v!r} (synth.{name}): must be an integer "
+                                   f">= {low}")
+    mix = tuple(sc.family_mix)
+    if len(mix) != 4 or not all(isinstance(x, int | float) and math.isfinite(x) and x >= 0
+                                for x in mix) or abs(sum(mix) - 1.0) > 1e-6:
+        raise SynthConfigError(f"synth.family_mix={mix!r}: must be 4 non-negative weights "
+                               "(F1..F4) summing to 1")
+
 
 # ----------------------------------------------------------------------------- records
 
@@ -159,7 +197,8 @@ def generate_split(world, split: str, n: int, sc: SynthConfig, rng, seen: set) -
             if got is not None:
                 break
         else:
-            raise RuntimeError(f"could not draw a {base} question; is the world too small?")
+            raise SynthConfigError(f"could not draw a {base} question in 100 tries; the world "
+                                   "is too small: raise --n-companies/--n-people/--n-cities")
         subj, cands = got
         rid = f"{split}-{len(recs):06d}"
         rec = build_record(world, widx, fam, base, subj, cands, day, sc, rng, split, rid)
@@ -250,6 +289,7 @@ def edit_record(rec: dict, rng, tries: int = 40) -> dict | None:
 
 def generate(sc: SynthConfig, seed: int) -> dict[str, list[dict]]:
     """All six splits. The unseen-entity split lives in a second world with disjoint names."""
+    check_config(dataclasses.replace(sc, seed=seed))
     rng = np.random.default_rng(seed)
     n_ent = sc.n_companies + sc.n_people + sc.n_cities + sc.n_sectors
     names = make_names(rng, 2 * n_ent)
@@ -281,11 +321,73 @@ def features():
         "query_nodes": ds.List(st), "regime": ds.List(st), "split": st, "pair_id": st})
 
 
-def write(out_dir: str, splits: dict[str, list[dict]], meta: dict) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    for name, recs in splits.items():
-        with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as f:
-            for r in recs:
-                f.write(json.dumps(r, allow_nan=False) + "\n")
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump({**meta, "counts": {k: len(v) for k, v in splits.items()}}, f, indent=2)
+def write(out_dir: str, splits: dict[str, list[dict]], meta: dict, *,
+          overwrite: bool = True) -> None:
+    """The splits as `<split>.jsonl` plus `meta.json` in `out_dir`, whole or not at all.
+
+    They are written to a temporary folder beside `out_dir` and renamed into place, so an
+    error leaves no half-written split. An existing `out_dir` that is not empty is replaced
+    only with `overwrite` (`--overwrite` on the command line) and only when it holds nothing
+    but TCG-Synth files."""
+    out = os.path.abspath(out_dir)
+    check_output(out_dir, overwrite)
+    parent = os.path.dirname(out)
+    created = []  # parents this call makes, deepest first
+    d = parent
+    while not os.path.lexists(d):
+        created.append(d)
+        d = os.path.dirname(d)
+    os.makedirs(parent, exist_ok=True)
+    tmp, old = None, None
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+        for name, recs in splits.items():
+            with open(os.path.join(tmp, f"{name}.jsonl"), "w") as f:
+                for r in recs:
+                    f.write(json.dumps(r, allow_nan=False) + "\n")
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({**meta, "counts": {k: len(v) for k, v in splits.items()}}, f, indent=2)
+        check_output(out_dir, overwrite)  # again: it may have changed meanwhile
+        if os.path.isdir(out) and os.listdir(out):  # allowed: checked just above
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+            os.rename(out, old)  # onto the empty folder just made
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+        else:
+            os.rename(tmp, out)  # absent or empty
+        tmp = None
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and os.path.isdir(old) and not os.listdir(old):
+            os.rmdir(old)  # made for the swap, which did not happen
+        for d in created:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output(out_dir: str, overwrite: bool) -> None:
+    """Refuse an `out_dir` that is a file, or not empty without `overwrite`, or holding files
+    TCG-Synth does not write."""
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise SynthOutputError(f"--out {out_dir!r} exists and is not a folder; remove it or "
+                               "choose another --out")
+    entries = sorted(os.listdir(out_dir))
+    if entries and not overwrite:
+        raise SynthOutputError(f"--out {out_dir!r} exists and is not empty; choose a new "
+                               "folder, or pass --overwrite to replace a previous TCG-Synth output")
+    foreign = [e for e in entries if e not in OUTPUT_FILES]
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise SynthOutputError(f"--out {out_dir!r} holds {', '.join(foreign[:5])}{more}, which "
+                               "TCG-Synth does not write; move those away or choose a new folder")

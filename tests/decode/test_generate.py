@@ -189,3 +189,68 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
     for argv, msg in cases:
         with pytest.raises(SystemExit, match=msg):
             main(argv)
+
+
+# ----------------------------------------------------------------------------- bad flags
+
+
+@pytest.mark.parametrize("field,value", [("temperature", float("nan")),
+                                         ("temperature", float("inf")), ("temperature", -0.5),
+                                         ("top_p", 0.0), ("top_p", 1.5), ("top_p", float("nan")),
+                                         ("top_k", -1), ("repetition_penalty", float("nan"))])
+def test_sampling_config_refuses_non_finite_and_out_of_range(field, value):
+    with pytest.raises(ValueError, match=f"invalid sampling setting {field}="):
+        SamplingConfig(**{field: value})
+
+
+def test_cli_temperature_nan_is_one_line_exit_2():
+    """`--temperature nan` used to print NUL bytes: one `error:` line naming the flag, exit 2,
+    before any checkpoint is read."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "jaxdyn.generate", "--checkpoint", "/nowhere",
+                          "--prompt", "x", "--temperature", "nan"], capture_output=True,
+                         text=True, env={**os.environ, "JAXDYN_TRACEBACK": ""}, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: --temperature nan: must be a finite number >= 0 (0 = greedy)"]
+    assert out.stdout == "" and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--temperature", "inf"], "--temperature inf: must be a finite number"),
+    (["--temperature", "-1"], "--temperature -1.0: must be a finite number >= 0"),
+    (["--top_p", "0"], "--top_p 0.0: must be a number in (0, 1]"),
+    (["--top_p", "nan"], "--top_p nan:"),
+    (["--top_k", "-2"], "--top_k -2: must be an integer >= 0"),
+    (["--repetition_penalty", "0"], "--repetition_penalty 0.0:"),
+    (["--max_new_tokens", "0"], "--max_new_tokens 0: must be >= 1"),
+    (["--mode", "multitoken", "--threshold", "nan"], "--threshold nan: must lie in [0, 1]"),
+    (["--mode", "multitoken", "--n_max", "0"], "--n_max 0: must be >= 1"),
+])
+def test_cli_bad_sampling_flags_name_the_flag(capsys, argv, says):
+    from jaxdyn.cli.generate import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", "/nowhere", "--prompt", "x", *argv])
+    assert e.value.code == 2 and str(e.value).startswith(says), str(e.value)
+    err = capsys.readouterr().err
+    assert err == f"error: {e.value}\n"
+
+
+def test_cli_prompts_file_errors_and_traceback_switch(tmp_path, capsys, monkeypatch):
+    from jaxdyn.cli.generate import main
+
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    for path, says in [(bad, f"--prompts {bad}:2: each line needs a \"prompt\""),
+                       (tmp_path / "none.jsonl", "is not a file")]:
+        with pytest.raises(SystemExit) as e:
+            main(["--checkpoint", "/nowhere", "--prompts", str(path)])
+        assert e.value.code == 2 and says in str(e.value)
+        assert capsys.readouterr().err.count("\n") == 1
+    monkeypatch.setenv("JAXDYN_TRACEBACK", "1")  # user errors keep their traceback
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        main(["--checkpoint", "/nowhere", "--prompts", str(tmp_path / "none.jsonl")])

@@ -108,3 +108,68 @@ def test_grid_ratio_equals_ratio_of_every_tuple(tmp_path, docs):
         ref = t.ratio(tuples, smoothing).reshape(4, 4, 4)
         assert np.allclose(t.grid_ratio(ids, smoothing), ref, rtol=1e-12, atol=0)
     assert t.grid_ratio(ids[:2]).shape == (4, 4)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _hidden_leftovers(folder):
+    return [p.name for p in folder.iterdir() if ".tmp-" in p.name]
+
+
+def test_cli_missing_tokens_field_is_one_line_exit_2(tmp_path):
+    """A record without 'tokens' (here: text JSONL): one `error:` line naming file:line and the
+    expected format, status 2, no traceback, no output folder."""
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "text.jsonl"
+    data.write_text(json.dumps({"tokens": [1, 2]}) + "\n" + json.dumps({"text": "hi"}) + "\n")
+    out = subprocess.run([sys.executable, "-m", "jaxdyn.multitoken", "cooccur", "--data",
+                          str(data), "--out", str(tmp_path / "tables")], cwd=tmp_path,
+                         env={**os.environ, "JAXDYN_TRACEBACK": ""}, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith(f"error: {data}:2: ") and "'tokens'" in lines[0]
+    assert '{"tokens": [id, ...]}' in lines[0]
+    assert not (tmp_path / "tables").exists() and not _hidden_leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("line,says", [
+    ('{"tokens": [1, "x"]}', "not a flat list of integer ids"),
+    ('{"tokens": [1.5, 2]}', "not a flat list of integer ids"),
+    ('{"tokens": [1, 2', "not valid JSON"),
+    ('"just a string"', "not a flat list of integer ids"),
+])
+def test_bad_records_fail_midway_and_leave_old_tables_alone(tmp_path, capsys, line, says):
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps({"tokens": r}) for r in ([1, 2, 3], [3, 2, 1])))
+    out = tmp_path / "tables"
+    cli(["cooccur", "--data", str(good), "--out", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"tokens": [4, 5]}) + "\n" + line + "\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # --vocab_size: the error comes while counting
+        cli(["cooccur", "--data", str(good), str(bad), "--vocab_size", "8", "--out", str(out)])
+    assert e.value.code == 2 and f"{bad}:2: " in str(e.value) and says in str(e.value)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not _hidden_leftovers(tmp_path)
+    cli(["cooccur", "--data", str(good), "--vocab_size", "8", "--out", str(out)])  # rebuilt
+    assert CooccurTables(out).vocab_size == 8 and not _hidden_leftovers(tmp_path)
+
+
+def test_cli_refuses_missing_data_and_bad_numbers(tmp_path, capsys):
+    for argv, says in [(["--data", str(tmp_path / "none.jsonl")], "does not exist"),
+                       (["--data", "builtin", "--vocab_size", "0"], "--vocab_size 0"),
+                       (["--data", "builtin", "--min_count", "-1"], "--min_count -1")]:
+        with pytest.raises(SystemExit) as e:
+            cli(["cooccur", *argv, "--out", str(tmp_path / "t")])
+        assert e.value.code == 2 and says in str(e.value)
+        assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "t").exists()

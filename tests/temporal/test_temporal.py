@@ -355,3 +355,58 @@ def test_generate_with_time_and_graph(params, tmp_path, capsys):
         generate_cli(["--checkpoint", ckpt, "--prompt", prompt, "--time", "June 2025"])
     with pytest.raises(SystemExit, match="--time"):
         generate_cli(["--checkpoint", ckpt, "--prompt", prompt, "--graph", str(gpath)])
+
+
+# ----------------------------------------------------------------------------- bad synth input
+
+SMALL = ["--n-companies", "6", "--n-people", "7", "--n-cities", "3", "--n-sectors", "1",
+         "--n-train", "4", "--n-eval", "2", "--n-max", "8", "--e-max", "16"]
+
+
+def test_synth_cli_refuses_bad_sizes_in_one_line(tmp_path):
+    """`--n-train -5` used to write an empty split and exit 0: now one line naming the flag,
+    exit 2, no traceback, nothing written."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "jaxdyn.temporal", "synth", "--out", "o",
+                          "--n-train", "-5"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "JAXDYN_TRACEBACK": ""}, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == ["error: --n-train -5 (synth.n_train): must be "
+                                               "an integer >= 1"]
+    assert out.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag,value", [("--n-eval", "0"), ("--n-companies", "2"),
+                                        ("--n-people", "-1"), ("--e-max", "0"),
+                                        ("--seed", "-3")])
+def test_synth_cli_names_each_bad_flag(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        temporal_cli(["synth", "--out", str(tmp_path / "o"), *SMALL, flag, value])
+    assert e.value.code == 2 and str(e.value).startswith(f"{flag} {value} ")
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_synth_output_is_whole_and_not_overwritten_by_accident(tmp_path, capsys):
+    out = tmp_path / "o"
+    temporal_cli(["synth", "--out", str(out), *SMALL])
+    first = {p.name: p.read_text() for p in out.iterdir()}
+    assert set(first) == set(ts.OUTPUT_FILES)
+    with pytest.raises(SystemExit, match="not empty.*--overwrite") as e:
+        temporal_cli(["synth", "--out", str(out), *SMALL, "--seed", "1"])
+    assert e.value.code == 2 and {p.name: p.read_text() for p in out.iterdir()} == first
+    temporal_cli(["synth", "--out", str(out), *SMALL, "--seed", "1", "--overwrite"])
+    second = {p.name: p.read_text() for p in out.iterdir()}
+    assert set(second) == set(first) and second != first
+    (out / "notes.txt").write_text("mine")  # a file synth does not write: never replaced
+    with pytest.raises(SystemExit, match="notes.txt"):
+        temporal_cli(["synth", "--out", str(out), *SMALL, "--overwrite"])
+    assert (out / "notes.txt").read_text() == "mine"
+    capsys.readouterr()
+    # A failure while writing (a NaN, refused by allow_nan=False) leaves no partial output.
+    with pytest.raises(ValueError):
+        ts.write(str(tmp_path / "new" / "p"), {"train": [{"x": 1}, {"x": float("nan")}]}, {})
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
