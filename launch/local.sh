@@ -63,18 +63,8 @@ if ((stopping)); then  # a signal came while starting them
   kill -TERM "${pids[@]}" 2>/dev/null
 fi
 
-status_of() {  # st := exit status of child $1, waiting on through the signals trapped above
-  local s prev=-1
-  while :; do
-    caught=0
-    wait "$1" 2>/dev/null
-    s=$?
-    if ((s == 127 && prev >= 0)); then st=$prev; return; fi  # it was already collected
-    if ((caught && s > 128)); then prev=$s; continue; fi     # `wait` cut short by a trap
-    st=$s
-    return
-  done
-}
+# shellcheck source=launch/_wait.sh
+source "$(dirname "${BASH_SOURCE[0]}")/_wait.sh"  # status_of
 
 rc=0
 for p in "${pids[@]}"; do

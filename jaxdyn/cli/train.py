@@ -9,18 +9,12 @@ traceback of user errors too.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-import jaxdyn
 from jaxdyn import distributed
+from jaxdyn.cli.common import cli_main
 from jaxdyn.train import schema
 from jaxdyn.train.loop import train_and_evaluate
-from jaxdyn.train.workdir import WorkdirError
-
-# Always user errors: the environment or the workdir is not as the run needs it.
-USER_ERRORS = (WorkdirError, FileNotFoundError, PermissionError)
-_PROJECT = os.path.dirname(os.path.abspath(jaxdyn.__file__)) + os.sep
 
 
 def split_overrides(ap: argparse.ArgumentParser, rest: list[str]) -> list[str]:
@@ -37,22 +31,7 @@ def split_overrides(ap: argparse.ArgumentParser, rest: list[str]) -> list[str]:
     return overrides
 
 
-def is_user_error(e: BaseException) -> bool:
-    """A ValueError counts when jaxdyn defines its class (ConfigValueError,
-    CheckpointMismatchError, EmptyDatasetError, CheckpointDamagedError, ...) or raised it; one
-    raised inside a library (numpy, jax, orbax) is treated as a bug."""
-    if isinstance(e, USER_ERRORS):
-        return True
-    if not isinstance(e, ValueError):
-        return False
-    if type(e).__module__.split(".")[0] in ("jaxdyn", "conversion"):
-        return True
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PROJECT)
-
-
+@cli_main  # user errors (jaxdyn's ValueErrors, WorkdirError, missing files): one line, exit 2
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="python -m jaxdyn.train",
@@ -62,12 +41,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", required=True, help="run folder (resumed when it has one)")
     args, rest = ap.parse_known_args(argv)
     overrides = split_overrides(ap, rest)
-    try:
-        distributed.init()
-        cfg = schema.load(args.config, overrides)
-        train_and_evaluate(cfg, args.workdir)
-    except Exception as e:
-        if os.environ.get("JAXDYN_TRACEBACK", "") not in ("", "0") or not is_user_error(e):
-            raise
-        print("error: " + (" ".join(str(e).split()) or type(e).__name__), file=sys.stderr)
-        sys.exit(2)
+    distributed.init()
+    cfg = schema.load(args.config, overrides)
+    train_and_evaluate(cfg, args.workdir)
