@@ -33,8 +33,8 @@ elif ! supported .venv/bin/python; then
        "Remove .venv and rerun." >&2
   exit 1
 fi
-echo "== installing jaxdyn into .venv (pip install -e .)"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e .
+echo "== installing jaxdyn into .venv (pip install -c launch/constraints.txt -e .)"
+.venv/bin/python -m pip install -q --disable-pip-version-check -c launch/constraints.txt -e .
 
 # The tiny preset's model (D64, L4), trained for ~2.5M bytes: batches of 32x64 (less gradient
 # noise than the preset's 8x64 at the same tokens/s on a CPU), lr 2e-3 (3e-3 is less stable

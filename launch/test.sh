@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (Python >= 3.11: the pinned jax/flax/orbax/transformers wheels need it), install
-# jaxdyn with its test extras, run the whole suite.
+# jaxdyn with its test extras at the locked versions (launch/constraints.txt), run the whole suite.
 # Extra arguments go to pytest, e.g. `bash launch/test.sh tests/model/test_decoder.py -k llama`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --disable-pip-version-check -c launch/constraints.txt -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import jax, flax, torch, transformers" # fail early if the install did not take
 export PYTHONUNBUFFERED=1
 # Two workers (pytest-xdist) by default: the suite is compile-bound and compilation is mostly
