@@ -12,12 +12,14 @@
 - `load_model`: (ModelConfig, params, tokenizer folder) from an import or a training workdir
   (the newest step whose parameters read back; a damaged newer one is skipped with a warning).
 Nothing here pickles: arrays go to tensorstore, the rest to JSON.
+Every path may be local or on an object store (`gs://…`, `s3://…`; `jaxdyn.config.paths`):
+orbax reads and writes those through epath and tensorstore's gcs/s3 drivers.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import sys
 import time
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxdyn.config import paths
 from jaxdyn.data.tokenizer import load_tokenizer
 from jaxdyn.model import ModelConfig
 from jaxdyn.model.lora import merge_lora
@@ -67,7 +70,7 @@ def _quiet_orbax() -> None:
 
 def save_params(path: str, params: Any) -> None:
     """Write a params pytree atomically (orbax commits by rename) and wait for it."""
-    path = os.path.abspath(path)
+    path = paths.absolute(path)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, params, force=True)
         ckptr.wait_until_finished()
@@ -75,8 +78,8 @@ def save_params(path: str, params: Any) -> None:
 
 def load_params(path: str, target: Any | None = None) -> Any:
     """Read params; `target` (arrays or ShapeDtypeStructs with shardings) fixes layout/dtype."""
-    path = os.path.abspath(path)
-    if not os.path.isdir(path):
+    path = paths.absolute(path)
+    if not paths.isdir(path):
         raise FileNotFoundError(f"no parameter checkpoint at {path}")
     with ocp.StandardCheckpointer() as ckptr:
         if target is None:
@@ -88,7 +91,7 @@ def load_params(path: str, target: Any | None = None) -> Any:
 def params_shapes(path: str) -> Any:
     """Tree of `jax.ShapeDtypeStruct` of a parameter checkpoint, reading no array data."""
     with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(os.path.abspath(path)).item_metadata.tree
+        meta = ckptr.metadata(paths.absolute(path)).item_metadata.tree
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), meta)
 
 
@@ -96,7 +99,7 @@ class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager` for `{state, data, meta}` per step."""
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.absolute(directory)
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                             enable_async_checkpointing=async_save)
         self.mngr = ocp.CheckpointManager(self.directory, options=opts)
@@ -156,11 +159,11 @@ class Checkpointer:
 
     def _set_aside(self, step: int, why: str) -> str:
         """Rename a damaged step folder out of orbax's view (process 0; never deleted)."""
-        src = os.path.join(self.directory, str(step))
-        dst = os.path.join(self.directory,
-                           f"damaged-{step}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
-        if jax.process_index() == 0:
-            os.rename(src, dst)
+        src = paths.join(self.directory, str(step))
+        dst = paths.join(self.directory,
+                         f"damaged-{step}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+        if jax.process_index() == 0:  # an object store copies and deletes the objects
+            paths.as_path(src).rename(dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -175,7 +178,7 @@ class Checkpointer:
 
     def _state_tree(self, step: int) -> Any:
         _quiet_orbax()
-        item = os.path.join(self.directory, str(step), STATE)
+        item = paths.join(self.directory, str(step), STATE)
         return item, ocp.PyTreeCheckpointer().metadata(item).item_metadata.tree
 
     def params_shapes(self, step: int) -> Any:
@@ -220,7 +223,7 @@ class Checkpointer:
 
 
 def _workdir_ckpt(path: str) -> Checkpointer:
-    ckpt = Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
+    ckpt = Checkpointer(paths.join(path, "checkpoints"), async_save=False)
     if ckpt.latest_step() is None:
         ckpt.close()
         raise FileNotFoundError(f"no finished checkpoint under {path}/checkpoints; train first "
@@ -247,9 +250,9 @@ def _newest_readable(ckpt: Checkpointer, read) -> tuple[int, Any]:
 
 def model_params_shapes(path: str) -> Any:
     """Param ShapeDtypeStructs of an import folder or a training workdir, reading no arrays."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "params")):
-        return params_shapes(os.path.join(path, "params"))
+    path = paths.absolute(path)
+    if paths.isdir(paths.join(path, "params")):
+        return params_shapes(paths.join(path, "params"))
     ckpt = _workdir_ckpt(path)
     try:
         return _newest_readable(ckpt, ckpt.params_shapes)[1]
@@ -261,15 +264,15 @@ def load_model(path: str, target: Any | None = None) -> tuple[ModelConfig, Any, 
     """(cfg, params, tokenizer_dir) from a `conversion import` folder (`model_config.json` +
     `params/`) or a training workdir (its latest checkpoint; LoRA factors merged in).
     `target`: sharded ShapeDtypeStructs (see `load_params`) to read params shard by shard."""
-    path = os.path.abspath(path)
-    cfg_path = os.path.join(path, "model_config.json")
-    if not os.path.exists(cfg_path):
+    path = paths.absolute(path)
+    cfg_path = paths.join(path, "model_config.json")
+    if not paths.exists(cfg_path):
         raise FileNotFoundError(f"{path!r} is neither a training workdir nor an imported "
                                 "checkpoint (no model_config.json); import a Hugging Face "
                                 "folder with `python -m conversion import HF_DIR OUT_DIR`")
-    cfg = ModelConfig.load(cfg_path)
-    if os.path.isdir(os.path.join(path, "params")):
-        return cfg, load_params(os.path.join(path, "params"), target), path
+    cfg = ModelConfig.from_dict(json.loads(paths.read_bytes(cfg_path)))
+    if paths.isdir(paths.join(path, "params")):
+        return cfg, load_params(paths.join(path, "params"), target), path
     ckpt = _workdir_ckpt(path)
     try:
         _, (params, lora, meta) = _newest_readable(
@@ -278,16 +281,16 @@ def load_model(path: str, target: Any | None = None) -> tuple[ModelConfig, Any, 
         ckpt.close()
     if lora:
         params = merge_lora(params, lora, meta["lora_alpha"], meta["lora_rank"])
-    tok_dir = os.path.join(path, "tokenizer")
-    return cfg, params, tok_dir if os.path.isdir(tok_dir) else path
+    tok_dir = paths.join(path, "tokenizer")
+    return cfg, params, tok_dir if paths.isdir(tok_dir) else path
 
 
 def load_for_inference(path: str) -> tuple[ModelConfig, Any, Any]:
     """(cfg, params, tokenizer) of an import folder or a training workdir. Hugging Face
     folders are converted by the command lines (`jaxdyn.cli`), or once with
     `python -m conversion import HF_DIR OUT_DIR`."""
-    if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(
-            os.path.join(path, "model_config.json")):
+    if paths.exists(paths.join(path, "config.json")) and not paths.exists(
+            paths.join(path, "model_config.json")):
         raise FileNotFoundError(f"{path!r} looks like a Hugging Face folder; convert it with "
                                 "`python -m conversion import HF_DIR OUT_DIR` (the jaxdyn "
                                 "commands do this on the fly)")

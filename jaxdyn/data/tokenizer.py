@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
+
+from jaxdyn.config import paths
 
 META_FILE = "jaxdyn_tokenizer.json"
 HF_FILE = "tokenizer.json"
@@ -32,7 +35,18 @@ def _write_text(path: str, text: str) -> None:
 
 def _write_atomic(path: str, write: Callable[[str], None]) -> None:
     """`write(tmp)` to a temporary file beside `path`, then rename it over `path`: readers
-    (and a crash) never see half a file."""
+    (and a crash) never see half a file. On an object store (`gs://…`): `write` goes to a
+    local temporary file, uploaded as one object (all-or-nothing)."""
+    if paths.is_url(path):
+        fd, tmp = tempfile.mkstemp(prefix="jaxdyn-tok-")
+        os.close(fd)
+        try:
+            write(tmp)
+            with open(tmp, "rb") as f:
+                paths.write_atomic(path, f.read())
+        finally:
+            os.remove(tmp)
+        return
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         write(tmp)
@@ -75,8 +89,8 @@ class Tokenizer:
                 "eos_id": self.eos_id, "pad_id": self.pad_id}
 
     def _write_meta(self, directory: str) -> None:
-        os.makedirs(directory, exist_ok=True)
-        _write_atomic(os.path.join(directory, META_FILE),
+        paths.makedirs(directory)
+        _write_atomic(paths.join(directory, META_FILE),
                       lambda tmp: _write_text(tmp, json.dumps(self._meta(), indent=2)))
 
     def __repr__(self) -> str:
@@ -168,7 +182,7 @@ class HFTokenizer(Tokenizer):
         whole (temp file + rename), the ids first: a `tokenizer.json` there (what
         `make_tokenizer` looks for) always has its ids beside it."""
         self._write_meta(directory)
-        _write_atomic(os.path.join(directory, HF_FILE), self.tok.save)
+        _write_atomic(paths.join(directory, HF_FILE), self.tok.save)
 
     def fingerprint(self) -> str:
         h = hashlib.sha1(self.tok.to_str().encode())
@@ -229,23 +243,23 @@ def _token_id(tok, value) -> int | None:
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.exists(path):
+    try:
+        return json.loads(paths.read_bytes(path))
+    except FileNotFoundError:
         return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def _special_ids(tok, directory: str) -> dict:
     """bos/eos/pad ids from jaxdyn meta, tokenizer_config.json, generation/model config."""
-    meta = _read_json(os.path.join(directory, META_FILE))
+    meta = _read_json(paths.join(directory, META_FILE))
     if "eos_id" in meta:
         return {k: meta.get(k) for k in ("bos_id", "eos_id", "pad_id")}
-    tc = _read_json(os.path.join(directory, "tokenizer_config.json"))
+    tc = _read_json(paths.join(directory, "tokenizer_config.json"))
     out = {"bos_id": _token_id(tok, tc.get("bos_token")),
            "eos_id": _token_id(tok, tc.get("eos_token")),
            "pad_id": _token_id(tok, tc.get("pad_token"))}
     for name in ("generation_config.json", "config.json"):
-        cfg = _read_json(os.path.join(directory, name))
+        cfg = _read_json(paths.join(directory, name))
         if out["eos_id"] is None:
             out["eos_id"] = _token_id(None, cfg.get("eos_token_id"))
         if out["bos_id"] is None:
@@ -266,14 +280,15 @@ def _special_ids(tok, directory: str) -> dict:
 
 def load_tokenizer(directory: str) -> Tokenizer:
     """A saved byte tokenizer, an HF `tokenizer.json` folder, or what `AutoTokenizer` reads
-    locally (never remote code); a training workdir's `tokenizer/` subfolder also works."""
-    if not os.path.isdir(directory):
+    locally (never remote code); a training workdir's `tokenizer/` subfolder also works.
+    `directory` may be on an object store (`gs://…`)."""
+    if not paths.isdir(directory):
         raise TokenizerNotFoundError(f"tokenizer folder {directory!r} does not exist")
-    if (not os.path.exists(os.path.join(directory, HF_FILE))
-            and not os.path.exists(os.path.join(directory, META_FILE))
-            and os.path.isdir(os.path.join(directory, "tokenizer"))):
-        directory = os.path.join(directory, "tokenizer")
-    meta = _read_json(os.path.join(directory, META_FILE))
+    if (not paths.exists(paths.join(directory, HF_FILE))
+            and not paths.exists(paths.join(directory, META_FILE))
+            and paths.isdir(paths.join(directory, "tokenizer"))):
+        directory = paths.join(directory, "tokenizer")
+    meta = _read_json(paths.join(directory, META_FILE))
     if meta.get("kind") == "ids":
         return IdsTokenizer(meta["n_ids"])
     if meta.get("kind") in FIXED:
@@ -284,10 +299,11 @@ def load_tokenizer(directory: str) -> Tokenizer:
                                      f"{sorted(FIXED)}); import the feature that defines it")
     from tokenizers import Tokenizer as HFTok
 
-    if os.path.exists(os.path.join(directory, HF_FILE)):
-        tok = HFTok.from_file(os.path.join(directory, HF_FILE))
+    if paths.exists(paths.join(directory, HF_FILE)):
+        tok = HFTok.from_str(paths.read_text(paths.join(directory, HF_FILE)))
     else:
-        tok = _auto_tokenizer(directory)
+        with paths.local_folder(directory) as local:  # transformers reads local files only
+            tok = _auto_tokenizer(local)
     return HFTokenizer(tok, **_special_ids(tok, directory))
 
 
@@ -319,7 +335,7 @@ def make_tokenizer(kind: str, *, directory: str, texts: Iterable[str] | None = N
     if kind == "ids":  # vocab_size counts the ids; EOS and pad come after them
         return IdsTokenizer(vocab_size or 0)
     if kind == "bpe":
-        if os.path.exists(os.path.join(directory, HF_FILE)):
+        if paths.exists(paths.join(directory, HF_FILE)):
             tok = load_tokenizer(directory)
             if vocab_size and tok.vocab_size != vocab_size:
                 raise ValueError(f"BPE tokenizer in {directory!r} has vocab {tok.vocab_size}, "

@@ -22,6 +22,8 @@ from tqdm import tqdm
 
 from jaxdyn import distributed, sharding
 from jaxdyn.checkpoint import Checkpointer
+from jaxdyn.config import paths
+from jaxdyn.config.loader import inside
 from jaxdyn.model import param_count
 from jaxdyn.model.lora import merge_lora
 from jaxdyn.model.units import flatten_aux
@@ -52,6 +54,7 @@ from jaxdyn.train.workdir import (
     WorkdirLock,
     check_run_paths,
     check_same_run,
+    check_workdir_url,
     committed_step,
     nothing_to_train,
     refuse_url,
@@ -65,12 +68,17 @@ class NonFiniteLossError(FloatingPointError):
 def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     """Train per `cfg` in `workdir` (resuming from its newest checkpoint); returns the metrics
     of the last logged step (`train/...`, `val/...`). Config, data, init-checkpoint and workdir
-    errors (a URL, another trainer's lock, another model, a symlink out of the workdir) are
-    raised before anything is written to the workdir or compiled."""
-    refuse_url("--workdir", workdir, "workdirs")
-    refuse_url("--config.init.checkpoint", cfg.init.checkpoint, "checkpoints")
+    errors (an unsupported URL, another trainer's lock, another model, a symlink out of the
+    workdir) are raised before anything is written to the workdir or compiled.
+
+    `workdir` may be on an object store (`gs://…`, `s3://…`): every file then goes there
+    (docs/training.md#workdirs-on-object-stores) except the token cache, which stays local
+    (`local_cache_dir`)."""
+    check_workdir_url(workdir)
+    refuse_url("--config.init.checkpoint", cfg.init.checkpoint, "init checkpoints")
     refuse_url("--config.data.cache_dir", cfg.data.cache_dir, "caches")
-    workdir = os.path.abspath(workdir)
+    workdir = paths.absolute(workdir)  # a URL is kept as it is, never made a local path
+    cfg = local_cache_dir(cfg, workdir)
     cfg = schema.finalize(cfg, workdir=workdir)
     apply_debug_switches(cfg)
     mesh = make_mesh(cfg)
@@ -79,6 +87,20 @@ def train_and_evaluate(cfg: mlc.ConfigDict, workdir: str) -> dict[str, float]:
     check_same_run(workdir, cfg, schema.model_config(cfg), ignore=("model.vocab_size",))
     with WorkdirLock(workdir, enabled=distributed.is_main_process()):  # released on any exit
         return _train(cfg, workdir, mesh)
+
+
+def local_cache_dir(cfg: mlc.ConfigDict, workdir: str) -> mlc.ConfigDict:
+    """For an object-store workdir, `data.cache_dir` (default `cache`; relative paths count
+    from it) is placed under a local folder standing for the URL
+    (`paths.local_cache_root`): the token cache is per process and written with local
+    temp-file renames, so it stays on each host. Local workdirs: `cfg` unchanged."""
+    if not paths.is_url(workdir) or os.path.isabs(cfg.data.cache_dir or ""):
+        return cfg
+    out = mlc.ConfigDict(cfg.to_dict())
+    root = paths.local_cache_root(workdir)
+    os.makedirs(root, exist_ok=True)
+    out.data.cache_dir = inside(root, cfg.data.cache_dir or "cache")
+    return out
 
 
 def _train(cfg: mlc.ConfigDict, workdir: str, mesh) -> dict[str, float]:
@@ -100,7 +122,7 @@ def _train(cfg: mlc.ConfigDict, workdir: str, mesh) -> dict[str, float]:
     t = cfg.train
     it, eval_batches = objective.data(tok, t.batch_size // t.grad_accum, jax.process_index(),
                                       jax.process_count())
-    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt_dir = paths.join(workdir, "checkpoints")
     rng = jax.random.key(t.seed)
     ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     if start is None:  # params are created/read straight into their shardings

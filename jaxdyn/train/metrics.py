@@ -4,17 +4,19 @@ One JSON object per line, flat `/`-separated keys. Non-finite values are written
 listed under `"nonfinite"`. On resume, lines past the restored step are dropped first so the
 file always describes one consistent run. A torn last line (a run killed mid-write) is dropped
 with a warning; a malformed line before it is damage and raises `MetricsFileError`.
+On an object store (no appends) the whole object is uploaded again at every write, so each
+version is whole; TensorBoard is not written there (tensorboardX writes local event files).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Any
 
+from jaxdyn.config import paths
 from jaxdyn.distributed import is_main_process
 from jaxdyn.train.workdir import check_inside, safe_write
 
@@ -29,11 +31,11 @@ def read_metrics(workdir: str) -> list[dict]:
     """The rows of `workdir/metrics.jsonl` ([] when absent). A last line that does not parse
     (left by a run killed mid-write) is dropped with a warning, printed once; a malformed line
     before it raises `MetricsFileError` naming the file and line."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = paths.join(workdir, "metrics.jsonl")
+    try:
+        data = paths.read_bytes(path)
+    except FileNotFoundError:
         return []
-    with open(path, "rb") as f:
-        data = f.read()
     lines = [(i, line) for i, line in enumerate(data.split(b"\n"), 1) if line.strip()]
     rows = []
     for j, (i, line) in enumerate(lines):
@@ -75,17 +77,23 @@ class MetricsWriter:
     def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True,
                  wandb_project: str | None = None, config: dict | None = None):
         self.active = is_main_process()
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.tb = self.wandb = None
+        self.path = paths.join(workdir, "metrics.jsonl")
+        self.workdir = workdir
+        self.url = paths.is_url(workdir)
+        self.tb = self.wandb = self.file = None
         if not self.active:
             return
-        os.makedirs(workdir, exist_ok=True)
+        paths.makedirs(workdir)
         check_inside(workdir, "metrics.jsonl")  # refuses a symlink out of the workdir
         kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= resume_step]
-        safe_write(workdir, "metrics.jsonl",
-                   "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
-        self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
-        if tensorboard:
+        self.lines = [json.dumps(r, allow_nan=False) + "\n" for r in kept]
+        safe_write(workdir, "metrics.jsonl", "".join(self.lines))
+        if not self.url:
+            self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+        if tensorboard and self.url:
+            print(f"tensorboard: not written to the object store {workdir} (tensorboardX writes "
+                  "local event files); metrics.jsonl holds the same scalars", file=sys.stderr)
+        elif tensorboard:
             from tensorboardX import SummaryWriter
             self.tb = SummaryWriter(check_inside(workdir, "tensorboard"))
         if wandb_project:
@@ -94,7 +102,8 @@ class MetricsWriter:
             except ImportError:
                 print("wandb is not installed; continuing without it")
             else:
-                self.wandb = wandb.init(project=wandb_project, config=config, dir=workdir)
+                self.wandb = wandb.init(project=wandb_project, config=config,
+                                        dir=None if self.url else workdir)
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.active:
@@ -110,8 +119,13 @@ class MetricsWriter:
                 bad.append(k)
         if bad:
             row["nonfinite"] = bad
-        self.file.write(json.dumps(row, allow_nan=False) + "\n")
-        self.file.flush()
+        line = json.dumps(row, allow_nan=False) + "\n"
+        if self.file is not None:
+            self.file.write(line)
+            self.file.flush()
+        else:  # object store: no appends; upload the whole file again
+            self.lines.append(line)
+            safe_write(self.workdir, "metrics.jsonl", "".join(self.lines))
         for k, v in values.items():
             if self.tb is not None and math.isfinite(float(v)):
                 self.tb.add_scalar(k, float(v), step)
@@ -122,7 +136,8 @@ class MetricsWriter:
     def close(self) -> None:
         if not self.active:
             return
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdyn import distributed, sharding
+from jaxdyn.config import paths
 from jaxdyn.config.errors import ConfigValueError
 from jaxdyn.data import DataConfig, load_documents
 from jaxdyn.data.tokenizer import make_tokenizer
@@ -65,7 +66,7 @@ def make_tokenizer_for(cfg: mlc.ConfigDict, workdir: str):
     make = lambda texts: make_tokenizer(cfg.tokenizer.kind, directory=directory, texts=texts,
                                         vocab_size=cfg.tokenizer.vocab_size,
                                         checkpoint_dir=cfg.init.checkpoint or None)
-    if cfg.tokenizer.kind != "bpe" or os.path.isdir(directory):
+    if cfg.tokenizer.kind != "bpe" or paths.isdir(directory):
         return make(None)
     # BPE is trained once, by process 0; the others load its folder (a shared workdir).
     if distributed.is_main_process():
@@ -146,7 +147,7 @@ def write_run_files(workdir: str, cfg: mlc.ConfigDict, mcfg: ModelConfig, mesh, 
     refused earlier leaves the workdir's record of its run as it was."""
     if not distributed.is_main_process():
         return
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     safe_write(workdir, "config.json", cfg.to_json_best_effort(indent=2))
     safe_write(workdir, "model_config.json", json.dumps(mcfg.to_dict(), indent=2, sort_keys=True))
     tok.save(check_inside(workdir, "tokenizer"))

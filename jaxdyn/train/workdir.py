@@ -10,7 +10,13 @@ model, and no run file is written through a symlink out of it.
 - `nothing_to_train`: the line to print when the workdir already holds the last step.
 - `check_run_paths` / `safe_write`: run files are written atomically (temp file + rename) and
   never through a symlink that leaves the workdir (`UnsafeWorkdirPathError`).
-- `refuse_url`: `gs://...` and other object-store paths are refused, not made local paths.
+- `refuse_url`: a URL where only local paths work (`data.cache_dir`, `init.checkpoint`) is
+  refused, never made a local path.
+
+Object-store workdirs (`gs://…`, `s3://…`; `jaxdyn.config.paths`) get what the store allows:
+no symlinks exist there, a run file is one object upload (all-or-nothing), and the lock is a
+best-effort lock object (written, then read back to confirm; two trainers starting within the
+same moment can both pass, since the store has no exclusive create here).
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import signal
 import socket
 import sys
@@ -31,6 +36,7 @@ import ml_collections as mlc
 import psutil
 
 from jaxdyn.checkpoint import Checkpointer
+from jaxdyn.config import paths
 from jaxdyn.model import ModelConfig
 from jaxdyn.train.init import CheckpointMismatchError
 
@@ -41,7 +47,6 @@ RUN_PATHS = ("config.json", "model_config.json", "run.json", "metrics.jsonl", "t
              LOCK, "tensorboard")
 # Model fields that choose how the maths runs, not what is trained: a rerun may change them.
 EXECUTION_FIELDS = ("dtype", "remat_policy", "attention_impl")
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _HELD: set[str] = set()  # lock files this process holds now
 
 
@@ -59,7 +64,8 @@ class UnsafeWorkdirPathError(WorkdirError):
 
 
 class ObjectStorePathError(WorkdirError):
-    """A `scheme://` path where only local (or mounted) paths are supported."""
+    """A `scheme://` path where only local (or mounted) paths are supported, or a scheme that
+    is no object store jaxdyn can use."""
 
 
 # ----------------------------------------------------------------------------- paths
@@ -67,16 +73,25 @@ class ObjectStorePathError(WorkdirError):
 
 def refuse_url(flag: str, path: str | None, what: str) -> None:
     """Refuse an object-store path (`gs://b/x`, any `scheme://`) for `flag`; `what` names the
-    kind of folder ("workdirs", "checkpoints")."""
-    if path and _URL.match(str(path)):
+    kind of folder ("caches", "init checkpoints")."""
+    if paths.is_url(path):
         raise ObjectStorePathError(f"{flag} {str(path)!r}: object-store {what} are not "
                                    "supported yet; use a local or mounted path")
 
 
+def check_workdir_url(workdir: str) -> None:
+    """A URL workdir must be on an object store jaxdyn can use (`gs://`, `s3://`)."""
+    try:
+        paths.check_store(workdir, "--workdir")
+    except paths.UnsupportedURLError as e:
+        raise ObjectStorePathError(str(e)) from None
+
+
 def check_inside(workdir: str, name: str) -> str:
-    """`workdir/name`, refused when it is a symlink resolving outside the workdir."""
-    path = os.path.join(workdir, name)
-    if os.path.islink(path):
+    """`workdir/name`, refused when it is a symlink resolving outside the workdir (object
+    stores have no symlinks: there it is just the joined URL)."""
+    path = paths.join(workdir, name)
+    if not paths.is_url(path) and os.path.islink(path):
         root, target = os.path.realpath(workdir), os.path.realpath(path)
         if target != root and not target.startswith(root + os.sep):
             raise UnsafeWorkdirPathError(
@@ -87,26 +102,14 @@ def check_inside(workdir: str, name: str) -> str:
 
 def check_run_paths(workdir: str) -> None:
     """No file the trainer writes at the top of the workdir leaves it through a symlink."""
-    for name in RUN_PATHS:
+    for name in RUN_PATHS if not paths.is_url(workdir) else ():
         check_inside(workdir, name)
 
 
 def safe_write(workdir: str, name: str, text: str) -> None:
-    """Write `workdir/name` atomically (a temp file in the workdir, then `os.replace`), never
-    through a symlink out of the workdir (`check_inside`)."""
-    path = check_inside(workdir, name)
-    tmp = os.path.join(workdir, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    """Write `workdir/name` atomically (a temp file in the workdir, then `os.replace`; on an
+    object store one upload), never through a symlink out of the workdir (`check_inside`)."""
+    paths.write_atomic(check_inside(workdir, name), text)
 
 
 # ----------------------------------------------------------------------------- one writer
@@ -141,7 +144,8 @@ class WorkdirLock:
 
     def __init__(self, workdir: str, enabled: bool = True):
         self.workdir = workdir
-        self.path = os.path.join(workdir, LOCK)
+        self.path = paths.join(workdir, LOCK)
+        self.url = paths.is_url(workdir)
         self.enabled = enabled
         self.token = uuid.uuid4().hex
         self.owned = False
@@ -164,8 +168,7 @@ class WorkdirLock:
     def _read(self) -> dict[str, Any] | str | None:
         """The holder's JSON; None when there is no lock; a string saying why it is unreadable."""
         try:
-            with open(self.path) as f:
-                holder = json.load(f)
+            holder = json.loads(paths.read_bytes(self.path))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
@@ -176,6 +179,29 @@ class WorkdirLock:
         if not self.enabled:
             return
         check_inside(self.workdir, LOCK)
+        if self.url:
+            self._acquire_object()
+        else:
+            self._acquire_file()
+        self.owned = True
+        _HELD.add(self.path)
+        with contextlib.suppress(ValueError):  # not the main thread: no signal handlers
+            self._old_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+    def _acquire_object(self) -> None:
+        """Best effort on an object store: no exclusive create, so write the lock object and
+        read it back; a concurrent writer that wrote last wins, the other is refused."""
+        holder = self._read()
+        if holder is not None:
+            self._take_over(holder)
+            return
+        paths.write_atomic(self.path, json.dumps(self._info()))
+        now = self._read()
+        if not isinstance(now, dict) or now.get("token") != self.token:
+            raise WorkdirLockedError(self._refusal(now or "it was just released"))
+
+    def _acquire_file(self) -> None:
+        """`O_CREAT | O_EXCL`: atomic on local disks and NFS v3+."""
         if not os.path.isdir(self.workdir):
             os.makedirs(self.workdir, exist_ok=True)
             self._made_dir = True
@@ -196,10 +222,6 @@ class WorkdirLock:
         else:
             raise WorkdirLockedError(f"{self.path} keeps appearing and disappearing: another "
                                      "trainer is starting in this workdir; wait for it")
-        self.owned = True
-        _HELD.add(self.path)
-        with contextlib.suppress(ValueError):  # not the main thread: no signal handlers
-            self._old_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     def _stale(self, holder: dict[str, Any]) -> bool:
         """Only a lock of this host whose process is gone is stale."""
@@ -216,15 +238,20 @@ class WorkdirLock:
         back), or refuse with the holder named."""
         if isinstance(holder, str) or not self._stale(holder):
             raise WorkdirLockedError(self._refusal(holder))
-        tmp = f"{self.path}.{self.token}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self._info(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        if self._read() != holder:  # it changed meanwhile: another trainer took it
-            os.remove(tmp)
-            raise WorkdirLockedError(self._refusal(self._read() or "it was just released"))
-        os.replace(tmp, self.path)
+        if self.url:  # one upload replaces the object whole
+            if self._read() != holder:
+                raise WorkdirLockedError(self._refusal(self._read() or "it was just released"))
+            paths.write_atomic(self.path, json.dumps(self._info()))
+        else:
+            tmp = f"{self.path}.{self.token}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self._info(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            if self._read() != holder:  # it changed meanwhile: another trainer took it
+                os.remove(tmp)
+                raise WorkdirLockedError(self._refusal(self._read() or "it was just released"))
+            os.replace(tmp, self.path)
         now = self._read()
         if not isinstance(now, dict) or now.get("token") != self.token:
             raise WorkdirLockedError(self._refusal(now or "it was just released"))
@@ -257,8 +284,7 @@ class WorkdirLock:
             self._old_sigterm = None
         now = self._read()
         if isinstance(now, dict) and now.get("token") == self.token:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
+            paths.remove(self.path)
         if self._made_dir:  # a workdir this run created and left empty goes away again
             with contextlib.suppress(OSError):
                 os.rmdir(self.workdir)
@@ -269,8 +295,7 @@ class WorkdirLock:
 
 def _read_json(path: str) -> Any:
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(paths.read_bytes(path))
     except (OSError, ValueError):
         return None
 
@@ -300,11 +325,11 @@ def check_same_run(workdir: str, cfg: mlc.ConfigDict, mcfg: ModelConfig,
     """Refuse (CheckpointMismatchError) a run whose model or objective differs from what the
     workdir's `model_config.json` / `config.json` record. `ignore`: `model.<field>` names not
     known yet (the vocabulary size before the tokenizer is read). Reads only."""
-    saved_model = _read_json(os.path.join(workdir, "model_config.json"))
+    saved_model = _read_json(paths.join(workdir, "model_config.json"))
     if not isinstance(saved_model, dict):
         return
     then, now = _model_fields(saved_model), _model_fields(mcfg.to_dict())
-    saved_cfg = _read_json(os.path.join(workdir, "config.json"))
+    saved_cfg = _read_json(paths.join(workdir, "config.json"))
     if isinstance(saved_cfg, dict) and isinstance(saved_cfg.get("train"), dict) and \
             "objective" in saved_cfg["train"]:
         then["train.objective"] = saved_cfg["train"]["objective"]
@@ -327,8 +352,8 @@ def check_same_run(workdir: str, cfg: mlc.ConfigDict, mcfg: ModelConfig,
 
 def committed_step(workdir: str) -> int | None:
     """The newest committed checkpoint step of the workdir (None: none). Reads only."""
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
+    directory = paths.join(workdir, "checkpoints")
+    if not paths.isdir(directory):
         return None
     ckpt = Checkpointer(directory, async_save=False)
     try:
