@@ -11,7 +11,9 @@ Outputs never destroy what conversion did not create (rules: `conversion.paths`)
   even with --overwrite.
 - An existing non-empty OUT_DIR is refused unless --overwrite, which replaces only a previous
   conversion output (every entry a name import/export writes).
-- Object-store paths (gs://, s3://, http(s)://, …) are refused; copy the files locally.
+- export reads a CKPT_DIR on an object store (gs://, s3://); other URL inputs and every URL
+  OUT_DIR are refused (the output is built locally and renamed into place): convert locally,
+  then copy the folder to the store.
 The output is written in a fresh sibling `OUT_DIR.tmp-…` and renamed onto OUT_DIR when
 complete (with --overwrite, swapped atomically; the old folder is deleted after the swap).
 Bad input: one line on stderr naming the path or flag, exit code 2, nothing written.
@@ -29,11 +31,12 @@ from collections.abc import Sequence
 from flax import traverse_util
 
 from conversion import hf_config, model_card
-from conversion.errors import ConversionError, UnreadableFileError
+from conversion.errors import ConversionError, UnreadableFileError, UnsupportedPathError
 from conversion.hf_export import parse_size, write_hf
 from conversion.hf_import import float_dtype, from_hf
 from conversion.paths import TOKENIZER_FILES, check_local, check_output, read_roots, staging
 from jaxdyn.checkpoint import load_model, save_params
+from jaxdyn.config import paths
 from jaxdyn.model import param_count
 
 HF_CONFIG = "hf_config.json"  # the imported config.json, kept for export
@@ -49,9 +52,17 @@ def copy_side_files(src: str, dst: str, names: Sequence[str]) -> list[str]:
     return copied
 
 
-def _source_dir(path: str, what: str) -> None:
-    check_local(path, what)
-    if not os.path.isdir(path):
+def _source_dir(path: str, what: str, url_ok: bool = False) -> None:
+    """`path` is an existing folder; a URL only when `url_ok` (export's CKPT_DIR) and on an
+    object store jaxdyn can read (`gs://`, `s3://`)."""
+    if url_ok:
+        try:
+            paths.check_store(path, what)
+        except paths.UnsupportedURLError as e:
+            raise UnsupportedPathError(str(e)) from None
+    else:
+        check_local(path, what)
+    if not paths.isdir(path):
         raise FileNotFoundError(f"{what} {path!r} is not a folder; give a local "
                                 + ("Hugging Face model folder" if what == "HF_DIR" else
                                    "`conversion import` folder or training workdir"))
@@ -86,7 +97,7 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
     """Export an import folder or a training workdir to a Hugging Face folder + model card.
 
     Paths and flags are checked before the checkpoint is read (`conversion.paths`)."""
-    _source_dir(ckpt_dir, "CKPT_DIR")
+    _source_dir(ckpt_dir, "CKPT_DIR", url_ok=True)
     if dtype is not None:
         float_dtype(dtype)
     parse_size(max_shard_size)
@@ -101,24 +112,38 @@ def export_hf(ckpt_dir: str, out_dir: str, dtype: str | None = None,
         raise UnreadableFileError(f"cannot read the checkpoint in CKPT_DIR {ckpt_dir!r}: {e}; "
                                   "give a complete `conversion import` folder or training "
                                   "workdir") from e
+    # The small side files (configs, tokenizer, metrics) of an object-store CKPT_DIR are read
+    # from a local copy; the checkpoint itself was read above, straight from the store.
+    with paths.local_folder(ckpt_dir, skip=("checkpoints", "params")) as side:
+        base = paths.absolute(ckpt_dir)
+        if paths.is_url(tok_dir):  # the workdir's tokenizer/ (or the folder itself)
+            rel = tok_dir[len(base):].strip("/") if tok_dir.startswith(base) else ""
+            tok_dir = os.path.join(side, *rel.split("/")) if rel else side
+        return _export(cfg, params, tok_dir, side, ckpt_dir, out_dir, out, dtype,
+                       max_shard_size)
+
+
+def _export(cfg, params, tok_dir: str, side: str, ckpt_dir: str, out_dir: str, out: dict,
+            dtype: str | None, max_shard_size: str):
+    """`export_hf` once the checkpoint is read; `side`: a local folder with CKPT_DIR's files."""
     extra = None
-    if os.path.exists(os.path.join(ckpt_dir, HF_CONFIG)):
-        extra = hf_config.read_config(os.path.join(ckpt_dir, HF_CONFIG))
+    if os.path.exists(os.path.join(side, HF_CONFIG)):
+        extra = hf_config.read_config(os.path.join(side, HF_CONFIG))
         dtype = dtype or hf_config.hf_dtype(extra)
     hf_config.check_exportable(cfg)
     with staging(out_dir, **out) as tmp:
         report = write_hf(cfg, params, tmp, dtype=dtype, max_shard_size=max_shard_size,
                           extra_config=extra)
         copied = copy_side_files(tok_dir, tmp, TOKENIZER_FILES)
-        copy_side_files(ckpt_dir, tmp, ("generation_config.json",))
+        copy_side_files(side, tmp, ("generation_config.json",))
         if not copied:
             report.notes.append(f"no Hugging Face tokenizer files in {tok_dir}; add them "
                                 "before uploading")
         card = model_card.render(
             cfg, name=os.path.basename(os.path.abspath(out_dir)),
             n_params=param_count(params) - _dropped_count(params, report.dropped),
-            notes=report.notes, train_config=model_card.read_train_config(ckpt_dir),
-            eval_results=model_card.find_eval_results(ckpt_dir), source=ckpt_dir)
+            notes=report.notes, train_config=model_card.read_train_config(side),
+            eval_results=model_card.find_eval_results(side), source=ckpt_dir)
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(card)
     report.out_dir = os.path.abspath(out_dir)

@@ -5,9 +5,12 @@ any weight is read or anything is written, and raises a `ConversionError` naming
 the fix (the CLI prints it on one line and exits 2).
 
 Inputs
-- A URL-like path (`scheme://…`: `gs://`, `s3://`, `http(s)://`, `hf://`, …) is refused with
-  "object-store paths are not supported by conversion yet; copy the files locally"; it is never
-  read as a local path (`UnsupportedPathError`).
+- A URL-like path (`scheme://…`: `gs://`, `s3://`, `http(s)://`, `hf://`, …) as a Hugging
+  Face folder or a weight-index entry is refused with "object-store paths are not supported by
+  conversion yet; copy the files locally"; it is never read as a local path
+  (`UnsupportedPathError`). `export` reads a CKPT_DIR on an object store (`gs://`, `s3://`,
+  through `jaxdyn.config.paths`): its checkpoint is read by orbax, its small side files are
+  copied to a local temporary folder first.
 - Weight files are read only from inside the checkpoint folder: every entry of
   `model.safetensors.index.json` / `pytorch_model.bin.index.json`, the index itself and
   `model.safetensors` / `pytorch_model.bin` must resolve inside it (no absolute path, no `..`
@@ -32,6 +35,9 @@ Outputs (OUT_DIR of `import` / `export`, `out_dir` of `to_hf`)
    `model-NNNNN-of-NNNNN.safetensors`, `README.md`, `generation_config.json`, the tokenizer
    files). Any other entry (`.git`, notes, `model.safetensors`, `checkpoints/`, …) is listed
    and the overwrite refused.
+0. OUT must be local: a URL OUT is refused (`UnsupportedPathError`, `OBJECT_STORE_OUT`),
+   since the atomic build-aside-and-rename below needs a local file system; write it locally,
+   then copy the folder to the store.
 Writing: the new output is built in a fresh sibling `OUT.tmp-XXXXXXXX` (created with a unique
 name, never a pre-existing folder) and renamed onto OUT only when complete; with `--overwrite`
 the old OUT is swapped out atomically (Linux `renameat2(RENAME_EXCHANGE)`; elsewhere two renames
@@ -52,6 +58,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 
 from conversion.errors import OutputRefusedError, UnsafePathError, UnsupportedPathError
+from jaxdyn.config.paths import is_url
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
@@ -61,18 +68,20 @@ OUTPUT_NAMES = frozenset({"params", "model_config.json", "hf_config.json", "conf
                           "model.safetensors.index.json", "README.md", "generation_config.json",
                           *TOKENIZER_FILES})
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 OBJECT_STORE = "object-store paths are not supported by conversion yet; copy the files locally"
+OBJECT_STORE_OUT = ("conversion writes a local folder (built aside, then renamed into place, "
+                    "which object stores cannot do); write it locally, then copy the folder "
+                    "to the store")
 
 
 def real(path: str) -> str:
     return os.path.realpath(os.path.abspath(os.fspath(path)))
 
 
-def check_local(path: str, what: str) -> None:
-    """Refuse a URL-like path (gs://, s3://, http(s)://, …): conversion is local only."""
-    if _URL.match(os.fspath(path)):
-        raise UnsupportedPathError(f"{what} {os.fspath(path)!r}: {OBJECT_STORE}")
+def check_local(path: str, what: str, why: str = OBJECT_STORE) -> None:
+    """Refuse a URL-like path (gs://, s3://, http(s)://, …) where only local paths work."""
+    if is_url(path):
+        raise UnsupportedPathError(f"{what} {os.fspath(path)!r}: {why}")
 
 
 def _inside(child: str, parent: str) -> bool:
@@ -115,7 +124,7 @@ def check_weight_file(folder: str, name: str, *, index: str | None = None,
     if not isinstance(name, str) or not name:
         raise UnsafePathError(f"{where}: not a file name; the index must map each tensor to a "
                               "shard file inside the checkpoint folder")
-    if _URL.match(name):
+    if is_url(name):
         raise UnsupportedPathError(f"{where}: {OBJECT_STORE}")
     fix = ("shards must be files inside the checkpoint folder: copy them in and name them "
            "relative to the folder")
@@ -165,11 +174,13 @@ def check_output(out_dir: str, *, sources: Mapping[str, str] | None = None,
                  overwrite: bool = False, what: str = "OUT_DIR",
                  overwrite_flag: str = "--overwrite") -> str:
     """Apply the output rules (module docstring); returns OUT's real path."""
-    check_local(out_dir, what)
+    check_local(out_dir, what, OBJECT_STORE_OUT)
     shown = os.fspath(out_dir)
     out = real(out_dir)
     refused = "refused even with " + overwrite_flag
     for src_what, src in (sources or {}).items():
+        if is_url(src):  # an object-store source cannot overlap a local OUT
+            continue
         rel = _relation(out, real(src))
         if rel:
             raise OutputRefusedError(

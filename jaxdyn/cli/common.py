@@ -19,6 +19,7 @@ from typing import NoReturn, TypeVar
 import conversion
 import jaxdyn
 from jaxdyn.checkpoint import load_model
+from jaxdyn.config import paths
 from jaxdyn.data.tokenizer import load_tokenizer
 
 F = TypeVar("F", bound=Callable)
@@ -92,11 +93,16 @@ def cli_main(fn: F) -> F:
 
 def load_for_inference(path: str):
     """(cfg, params, tokenizer) from a Hugging Face folder (converted on the fly), a
-    `python -m conversion import` output, or a training workdir."""
-    if not os.path.isdir(path):
+    `python -m conversion import` output, or a training workdir; the last two may be on an
+    object store (`gs://…`, `s3://…`)."""
+    paths.check_store(path, "checkpoint folder")
+    if not paths.isdir(path):
         raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
-    if os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(
-            os.path.join(path, "model_config.json")):
+    if paths.exists(paths.join(path, "config.json")) and not paths.exists(
+            paths.join(path, "model_config.json")):
+        if paths.is_url(path):
+            raise FileNotFoundError(f"{path!r} looks like a Hugging Face folder on an object "
+                                    "store; copy it locally (conversion reads local folders)")
         cfg, params = conversion.from_hf(path)
         return cfg, params, load_tokenizer(path)
     cfg, params, tok_dir = load_model(path)

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from jaxdyn.cli.common import cli_main, load_for_inference
+from jaxdyn.config import paths
 from jaxdyn.data import DataConfigError, DataSourceNotFoundError, EmptyDatasetError
 from jaxdyn.evaluate.lm_eval import run_tasks
 from jaxdyn.evaluate.perplexity import SPLITS, evaluate, load_corpus
@@ -83,6 +84,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 def write_json(res: dict, out: str | None, **kw) -> None:
     text = json.dumps(res, indent=1, **kw)
     print(text)
-    if out:
-        with open(out, "w") as f:
-            f.write(text + "\n")
+    if out:  # local or on an object store (gs://…), written whole
+        paths.write_atomic(out, text + "\n")

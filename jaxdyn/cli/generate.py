@@ -7,11 +7,11 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
 
 from jaxdyn.cli.common import cli_main, load_for_inference, read_prompts
+from jaxdyn.config import paths
 from jaxdyn.decode.generate import generate, truncate_at_stop
 from jaxdyn.decode.sampling import LIMITS, SamplingConfig, sampling_errors
 from jaxdyn.model import ModelConfig
@@ -27,13 +27,12 @@ _PLAIN_DEFAULTS = {"temperature": 0.0, "top_k": 0, "repetition_penalty": 1.0}
 
 def _run_blocks(checkpoint: str) -> tuple[dict, dict]:
     """The `dynamo` and `mtp` blocks of a training run's config.json (configs/mtp.py)."""
-    path = os.path.join(checkpoint, "config.json")
-    if not os.path.exists(os.path.join(checkpoint, "model_config.json")) or \
-            not os.path.exists(path):
+    path = paths.join(checkpoint, "config.json")
+    if not paths.exists(paths.join(checkpoint, "model_config.json")) or \
+            not paths.exists(path):
         return {}, {}
     try:
-        with open(path) as f:
-            run = json.load(f)
+        run = json.loads(paths.read_bytes(path))
     except (OSError, ValueError):
         return {}, {}
     return dict(run.get("dynamo") or {}), dict(run.get("mtp") or {})
@@ -84,10 +83,10 @@ def fill_sampling_defaults(args) -> None:
 
 def load_tables(args, cfg: ModelConfig, tok):
     """Co-occurrence tables for --mode multitoken, checked against the model's vocabulary."""
-    path = args.cooccur or os.path.join(args.checkpoint, "cooccur")
+    path = args.cooccur or paths.join(args.checkpoint, "cooccur")
     build = (f"build them with `python -m jaxdyn.multitoken cooccur --data builtin --tokenizer "
              f"{args.checkpoint} --vocab_size {cfg.vocab_size} --out DIR` and pass --cooccur DIR")
-    if not os.path.exists(os.path.join(path, "meta.json")):
+    if not paths.exists(paths.join(path, "meta.json")):
         raise SystemExit(f"error: --mode multitoken needs co-occurrence tables; {path!r} has "
                          f"none: {build}")
     tables = CooccurTables(path)

@@ -13,14 +13,15 @@ picture needs a finished checkpoint.
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import sys
 from collections.abc import Sequence
 
 from jaxdyn.checkpoint import Checkpointer
 from jaxdyn.cli.common import load_for_inference
+from jaxdyn.config import paths
 from jaxdyn.model import ModelConfig
-from jaxdyn.viz.dashboard import dashboard
+from jaxdyn.viz.dashboard import dashboard, save_figure
 from jaxdyn.viz.routing import GATE_NAME, MODES, routing_figure, routing_text
 
 DEFAULT_TEXT = "def add(a, b):\n    return a + b\n"
@@ -43,11 +44,11 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     ap.add_argument("--width", type=int, default=100, help="columns of the text picture")
     args = ap.parse_args(argv)
     out = args.out or args.workdir or "."
-    os.makedirs(out, exist_ok=True)
+    paths.makedirs(out)
     written = []
     if args.workdir:
         try:
-            written.append(dashboard(args.workdir, os.path.join(out, "dashboard.png")))
+            written.append(dashboard(args.workdir, paths.join(out, "dashboard.png")))
         except FileNotFoundError as e:
             raise SystemExit(f"error: {e}") from None
         skip = routing_skip_reason(args.workdir)
@@ -68,22 +69,22 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         fig = routing_figure(cfg, params, tokens, tok, args.mode)
     except ValueError as e:  # empty text, longer than the context
         raise SystemExit(f"error: {e}") from None
-    written.append(os.path.join(out, "routing.png"))
-    fig.savefig(written[-1], dpi=110)
+    written.append(paths.join(out, "routing.png"))
+    save_figure(fig, written[-1], dpi=110)
     print(picture + "\n")
     return report(written)
 
 
 def routing_skip_reason(workdir: str) -> str | None:
     """Why a workdir gets no routing picture (dense run, no checkpoint yet), or None."""
-    cfg_path = os.path.join(workdir, "model_config.json")
-    if not os.path.exists(cfg_path):
+    cfg_path = paths.join(workdir, "model_config.json")
+    if not paths.exists(cfg_path):
         return f"{workdir} has no model_config.json"
-    arch = ModelConfig.load(cfg_path).arch
+    arch = ModelConfig.from_dict(json.loads(paths.read_bytes(cfg_path))).arch
     if arch not in GATE_NAME:
         return f"an arch={arch!r} run has no routed layers"
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = paths.join(workdir, "checkpoints")
+    if not paths.isdir(ckpt_dir):
         return f"{workdir} has no checkpoint yet"
     ckpt = Checkpointer(ckpt_dir, async_save=False)
     try:

@@ -148,22 +148,29 @@ def upload(local_dir: str, url: str) -> None:
 
 
 @contextlib.contextmanager
-def local_folder(path: str) -> Iterator[str]:
+def local_folder(path: str, skip: tuple[str, ...] = ()) -> Iterator[str]:
     """`path` itself when local; for a URL, a temporary local copy of its files (top level
-    and below), removed afterwards: for readers that need real files (HF `tokenizers`,
-    `transformers`)."""
+    and below, except the top-level entries named in `skip`), removed afterwards: for readers
+    that need real files (HF `tokenizers`, `transformers`, conversion's side files)."""
     if not is_url(path):
         yield path
         return
     tmp = tempfile.mkdtemp(prefix="jaxdyn-url-")
-    try:
-        src = as_path(path)
-        for f in src.rglob("*") if src.is_dir() else ():
-            if f.is_file():
-                dst = os.path.join(tmp, *f.relative_to(src).parts)
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                with open(dst, "wb") as out:
+
+    def copy(src: epath.Path, dst: str, top: bool) -> None:
+        for f in src.iterdir():  # one listing per folder (stores refuse `**` globs)
+            if top and f.name in skip:
+                continue
+            if f.is_dir():
+                os.makedirs(os.path.join(dst, f.name), exist_ok=True)
+                copy(f, os.path.join(dst, f.name), False)
+            else:
+                with open(os.path.join(dst, f.name), "wb") as out:
                     out.write(f.read_bytes())
+
+    try:
+        if as_path(path).is_dir():
+            copy(as_path(path), tmp, True)
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,7 @@ recall against the top-k choice.
 
 from __future__ import annotations
 
-import os
+import io
 import re
 from collections.abc import Callable
 
@@ -19,6 +19,7 @@ from collections.abc import Callable
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from jaxdyn.config import paths
 from jaxdyn.train.metrics import read_metrics
 
 Rows = list[dict]
@@ -147,15 +148,23 @@ def dashboard_figure(rows: Rows, title: str = "") -> Figure:
 
 
 def dashboard(workdir: str, out: str | None = None) -> str:
-    """Write the dashboard of `workdir` to `out` (default `workdir/dashboard.png`); its path."""
+    """Write the dashboard of `workdir` to `out` (default `workdir/dashboard.png`); its path.
+    Either may be on an object store (`gs://…`): the PNG is then uploaded as one object."""
     rows = read_metrics(workdir)
     if not rows:
         raise FileNotFoundError(f"no metrics.jsonl with rows in {workdir!r}; train first")
-    out = out or os.path.join(workdir, "dashboard.png")
+    out = out or paths.join(workdir, "dashboard.png")
     last = max(r["step"] for r in rows)
-    name = os.path.basename(os.path.normpath(os.path.abspath(workdir)))
+    name = paths.absolute(workdir).rstrip("/").rsplit("/", 1)[-1]
     layers = routed_layers(rows)
     kind = f", {len(layers)} routed layers" if layers else ""
     fig = dashboard_figure(rows, f"{name}: step {last}{kind}")
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out, dpi=100)
     return out
+
+
+def save_figure(fig, out: str, dpi: int) -> None:
+    """`fig` as a PNG at `out`, written whole (temp + rename locally, one upload to a store)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    paths.write_atomic(out, buf.getvalue())

@@ -22,6 +22,7 @@ from conversion.__main__ import main as cli
 from tests.conversion.test_conversion import _add_tokenizer, flat, make_hf
 
 OBJECT_STORE = "object-store paths are not supported by conversion yet; copy the files locally"
+OBJECT_STORE_OUT = "conversion writes a local folder (built aside, then renamed into place"
 
 
 def tree_hash(root) -> dict[str, str]:
@@ -363,14 +364,18 @@ def test_hub_cache_snapshot_may_point_into_its_blobs(sharded, tmp_path):
 
 
 def test_object_store_paths_are_refused(hf_dir, imported, tmp_path, monkeypatch, capsys):
+    """HF_DIR and OUT_DIR stay local; export reads a gs:// / s3:// CKPT_DIR
+    (tests/train/test_object_store.py) but no other scheme."""
     monkeypatch.chdir(tmp_path)
-    for argv, flag in ((["import", "gs://bucket/qwen", "out"], "HF_DIR"),
-                       (["import", hf_dir, "s3://bucket/out"], "OUT_DIR"),
-                       (["export", "https://example.com/ckpt", "out"], "CKPT_DIR"),
-                       (["export", imported, "http://example.com/out"], "OUT_DIR"),
-                       (["export", imported, "gs://b/out", "--overwrite"], "OUT_DIR")):
+    for argv, flag, why in (
+            (["import", "gs://bucket/qwen", "out"], "HF_DIR", OBJECT_STORE),
+            (["import", hf_dir, "s3://bucket/out"], "OUT_DIR", OBJECT_STORE_OUT),
+            (["export", "https://example.com/ckpt", "out"], "CKPT_DIR",
+             "https:// is not an object store jaxdyn can use"),
+            (["export", imported, "http://example.com/out"], "OUT_DIR", OBJECT_STORE_OUT),
+            (["export", imported, "gs://b/out", "--overwrite"], "OUT_DIR", OBJECT_STORE_OUT)):
         code, err = run(argv, capsys)
-        assert code == 2 and OBJECT_STORE in err and flag in err and "://" in err, err
+        assert code == 2 and why in err and flag in err and "://" in err, err
     assert os.listdir(tmp_path) == []  # nothing like ./gs:/bucket was made
     with pytest.raises(conversion.UnsupportedPathError, match="object-store"):
         conversion.from_hf("gs://bucket/qwen")

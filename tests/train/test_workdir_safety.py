@@ -238,19 +238,24 @@ def test_cli_rerun_with_nothing_to_train_exits_0(trained, tmp_path):
     assert snapshot(w) == before
 
 
-# ----------------------------------------------------------------------------- no URLs
+# ----------------------------------------------------------------------------- URLs
+# gs:// and s3:// workdirs work (tests/train/test_object_store.py); other schemes, URL init
+# checkpoints and URL caches are refused, and no URL is ever made a local path.
 
 
-def test_object_store_workdir_is_refused_and_not_made_a_local_path(tmp_path, monkeypatch):
-    res = cli("--config", CONFIG, "--workdir", "gs://bucket/run", *RUN, cwd=tmp_path)
+def test_unusable_urls_are_refused_and_not_made_local_paths(tmp_path, monkeypatch):
+    res = cli("--config", CONFIG, "--workdir", "https://bucket/run", *RUN, cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
-    assert res.stderr.strip() == ("error: --workdir 'gs://bucket/run': object-store workdirs "
-                                  "are not supported yet; use a local or mounted path")
+    assert res.stderr.strip() == ("error: --workdir 'https://bucket/run': https:// is not an "
+                                  "object store jaxdyn can use (supported: gs://, s3://, or a "
+                                  "local path)")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ObjectStorePathError, match="--workdir 's3://b/x'"):
-        train_and_evaluate(cfg_for(), "s3://b/x")
+    with pytest.raises(ObjectStorePathError, match="--workdir 'hf://b/x'"):
+        train_and_evaluate(cfg_for(), "hf://b/x")
     with pytest.raises(ObjectStorePathError, match="--config.init.checkpoint 'gs://b/imp'"):
         train_and_evaluate(cfg_for("--config.init.checkpoint=gs://b/imp"), str(tmp_path / "w"))
+    with pytest.raises(ObjectStorePathError, match="--config.data.cache_dir 's3://b/c'"):
+        train_and_evaluate(cfg_for("--config.data.cache_dir=s3://b/c"), "gs://b/run")
     made = [os.path.join(d, n) for d, dirs, files in os.walk(tmp_path) for n in dirs + files]
     assert not [p for p in made if ":" in os.path.basename(p)], made
     assert not (tmp_path / "w").exists()
