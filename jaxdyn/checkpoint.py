@@ -162,8 +162,8 @@ class Checkpointer:
         src = paths.join(self.directory, str(step))
         dst = paths.join(self.directory,
                          f"damaged-{step}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
-        if jax.process_index() == 0:  # an object store copies and deletes the objects
-            paths.as_path(src).rename(dst)
+        if jax.process_index() == 0:  # an object store copies, then deletes, the objects
+            paths.move_tree(src, dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

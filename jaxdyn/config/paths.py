@@ -138,13 +138,27 @@ def listdir(path: str | os.PathLike) -> list[str]:
     return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
 
 
-def upload(local_dir: str, url: str) -> None:
-    """Copy the files of the local folder `local_dir` (recursively) below `url`."""
-    for root, _, files in os.walk(local_dir):
-        rel = os.path.relpath(root, local_dir)
-        for f in files:
-            with open(os.path.join(root, f), "rb") as src:
-                write_atomic(join(url, *([] if rel == "." else rel.split(os.sep)), f), src.read())
+def _files(p: epath.Path) -> Iterator[epath.Path]:
+    """Every file below `p`, one listing per folder (object stores refuse `**` globs)."""
+    for f in p.iterdir():
+        if f.is_dir():
+            yield from _files(f)
+        else:
+            yield f
+
+
+def move_tree(src: str, dst: str) -> None:
+    """Rename a folder. Local: one `os.rename`. Object store (no folder rename): copy every
+    object below `src` to `dst`, then delete the sources, so an interruption leaves both
+    copies, never none."""
+    if not is_url(src):
+        os.rename(src, dst)
+        return
+    files = list(_files(as_path(src)))
+    for f in files:
+        write_atomic(join(dst, *f.relative_to(as_path(src)).parts), f.read_bytes())
+    for f in files:
+        remove(f)
 
 
 @contextlib.contextmanager
@@ -156,21 +170,16 @@ def local_folder(path: str, skip: tuple[str, ...] = ()) -> Iterator[str]:
         yield path
         return
     tmp = tempfile.mkdtemp(prefix="jaxdyn-url-")
-
-    def copy(src: epath.Path, dst: str, top: bool) -> None:
-        for f in src.iterdir():  # one listing per folder (stores refuse `**` globs)
-            if top and f.name in skip:
-                continue
-            if f.is_dir():
-                os.makedirs(os.path.join(dst, f.name), exist_ok=True)
-                copy(f, os.path.join(dst, f.name), False)
-            else:
-                with open(os.path.join(dst, f.name), "wb") as out:
-                    out.write(f.read_bytes())
-
     try:
-        if as_path(path).is_dir():
-            copy(as_path(path), tmp, True)
+        src = as_path(path)
+        for top in src.iterdir() if src.is_dir() else ():
+            if top.name in skip:
+                continue
+            for f in _files(top) if top.is_dir() else [top]:
+                dst = os.path.join(tmp, *f.relative_to(src).parts)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                with open(dst, "wb") as out:
+                    out.write(f.read_bytes())
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -202,3 +202,13 @@ def test_train_resume_evaluate_generate_export_on_the_store(gcs, tmp_path, monke
     assert conversion_main(["export", store, paths.join(gcs, "hf")]) == 2
     assert "conversion writes a local folder" in capsys.readouterr().err
     assert not paths.exists(paths.join(gcs, "hf"))
+
+    # A damaged newest step on the store is set aside (its objects copied, then deleted) and
+    # training resumes from the step before it.
+    paths.remove(paths.join(store, "checkpoints", "4", "state", "manifest.ocdbt"))
+    train_and_evaluate(cfg_for("--config.train.steps=6"), store)
+    names = paths.listdir(paths.join(store, "checkpoints"))
+    aside = [n for n in names if n.startswith("damaged-4-")]
+    assert aside and "6" in names, names
+    assert paths.exists(paths.join(store, "checkpoints", aside[0], "state", "_METADATA"))
+    assert "warning: checkpoint step 4 is damaged" in capsys.readouterr().err
