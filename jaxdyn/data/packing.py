@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import array
+import threading
+
 import numpy as np
 
 from jaxdyn.data.errors import DataConfigError, EmptyDatasetError
@@ -49,7 +52,7 @@ class PackedIterator:
         self.shuffle, self.pad_id = shuffle, pad_id
         self.process_index, self.process_count = process_index, process_count
         self.local = np.array([i for i in range(process_index, len(token_docs), process_count)
-                               if len(token_docs[i])], dtype=np.int64)
+                               if self._length(i)], dtype=np.int64)
         if not len(self.local):
             raise EmptyDatasetError(
                 f"process {process_index} of {process_count} has no documents ({len(token_docs)}"
@@ -58,6 +61,13 @@ class PackedIterator:
         self._plan_epoch, self._plan = -1, None
 
     # ------------------------------------------------------------------ order and state
+
+    def _length(self, doc: int) -> int:
+        """Token count of document `doc` (subclasses answer without reading it)."""
+        return len(self.docs[doc])
+
+    def _tokens(self, doc: int, start: int, stop: int) -> np.ndarray:
+        return self.docs[doc][start:stop]
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Global document indices in the order epoch `epoch` packs them."""
@@ -70,7 +80,7 @@ class PackedIterator:
         """[R, 2] (position in `epoch_order`, token offset) where each row of the epoch starts,
         in packing order."""
         order = self.epoch_order(epoch)
-        lengths = [len(self.docs[d]) for d in order]
+        lengths = [self._length(d) for d in order]
         starts, doc, offset = [], 0, 0
         while doc < len(order):
             starts.append((doc, offset))
@@ -132,7 +142,7 @@ class PackedIterator:
             seg += 1
             if out is not None:
                 tokens, positions, segs = out
-                tokens[filled:filled + n] = self.docs[order[doc]][offset:offset + n]
+                tokens[filled:filled + n] = self._tokens(order[doc], offset, offset + n)
                 positions[filled:filled + n] = np.arange(n)
                 segs[filled:filled + n] = seg
             filled += n
@@ -145,7 +155,7 @@ class PackedIterator:
         """Fill one row in place (the arrays arrive set to padding) and advance."""
         order, starts = self._plan_of(self._epoch)
         doc, offset = starts[self._row]
-        lengths = [len(self.docs[d]) for d in order[doc:doc + self.seq_len + 1]]
+        lengths = [self._length(d) for d in order[doc:doc + self.seq_len + 1]]
         self._fill(lengths, 0, int(offset), order[doc:], (tokens, positions, segs))
         self._row += 1
         if self._row == len(starts):  # normalise: the next row starts the next epoch
@@ -184,3 +194,100 @@ class PackedIterator:
         finally:
             self.restore(saved)
         return out
+
+
+class PackedRows(PackedIterator):
+    """The rows `PackedIterator` serves, by number: row i of the endless sequence (epoch after
+    epoch) is built on demand from the documents' lengths and the plan of its epoch, so a
+    random-access pipeline (grain) can read, prefetch and checkpoint rows by index. Same
+    layout, order and segments as `PackedIterator` over the same documents and seed.
+
+    `lengths` (one int per document) lets the layout be planned without reading any document;
+    `read(doc, start, stop)` returns a document's tokens. Thread-safe: plans are cached per
+    epoch under a lock (at most `keep` epochs)."""
+
+    def __init__(self, lengths: np.ndarray, read, *, seq_len: int, seed: int,
+                 shuffle: bool = True, pad_id: int = 0, keep: int = 2) -> None:
+        self.lengths = np.asarray(lengths, np.int64)
+        self.read = read
+        super().__init__(_Sized(len(self.lengths)), seq_len=seq_len, batch_size=1, seed=seed,
+                         shuffle=shuffle, pad_id=pad_id)
+        self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._starts = [0]  # global row index where epoch e starts, for the epochs planned
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:  # picklable for grain worker processes
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _length(self, doc: int) -> int:
+        return int(self.lengths[doc])
+
+    def epoch_layout(self, epoch: int) -> np.ndarray:
+        """As `PackedIterator.epoch_layout`, kept compact: 16 bytes per row, no Python
+        objects per row (the plan is the only memory that grows with the corpus)."""
+        lengths = self.lengths[self.epoch_order(epoch)].tolist()
+        starts = array.array("q")
+        doc, offset = 0, 0
+        while doc < len(lengths):
+            starts.extend((doc, offset))
+            doc, offset = self._fill(lengths, doc, offset)
+        return np.frombuffer(starts, np.int64).reshape(-1, 2)
+
+    def _tokens(self, doc: int, start: int, stop: int) -> np.ndarray:
+        return self.read(int(doc), start, stop)
+
+    def _plan_of(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            plan = self._plans.get(epoch)
+        if plan is None:
+            layout = self.epoch_layout(epoch)
+            plan = (self.epoch_order(epoch), layout[self.row_order(epoch, len(layout))])
+            with self._lock:
+                self._plans[epoch] = plan
+                for old in sorted(self._plans)[:-self._keep]:
+                    del self._plans[old]
+        return plan
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(epoch, row in serving order) of global row `index`."""
+        with self._lock:
+            starts = list(self._starts)
+        while starts[-1] <= index:  # plan epochs until `index` is inside one
+            starts.append(starts[-1] + len(self._plan_of(len(starts) - 1)[1]))
+            with self._lock:
+                if len(starts) > len(self._starts):
+                    self._starts = starts
+        epoch = int(np.searchsorted(starts, index, side="right")) - 1
+        return epoch, index - starts[epoch]
+
+    def epoch_start(self, epoch: int) -> int:
+        """Global index of the first row of `epoch`."""
+        while len(self._starts) <= epoch:
+            self.locate(self._starts[-1])
+        return self._starts[epoch]
+
+    def row(self, index: int) -> dict[str, np.ndarray]:
+        """Global row `index`: int32 [T] "tokens", "positions", "segment_ids"."""
+        epoch, r = self.locate(index)
+        order, starts = self._plan_of(epoch)
+        doc, offset = starts[r]
+        out = {k: v[0] for k, v in self.empty_batch(1).items()}
+        lengths = [self._length(d) for d in order[doc:doc + self.seq_len + 1]]
+        self._fill(lengths, 0, int(offset), order[doc:],
+                   (out["tokens"], out["positions"], out["segment_ids"]))
+        return out
+
+
+class _Sized:
+    """A stand-in document list of `n` entries for `PackedRows` (lengths come separately)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n

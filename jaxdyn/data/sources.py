@@ -9,6 +9,7 @@ import os
 import shutil
 import sysconfig
 import warnings
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -42,16 +43,19 @@ def _spread(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, k).round().astype(int))
 
 
-def _builtin(max_documents: int) -> list[str]:
+def _iter_builtin(max_documents: int) -> Iterator[str]:
+    """The builtin corpus one file at a time (never all texts in memory)."""
     files = builtin_corpus_files()
     if not files:
         raise EmptyDatasetError(f"no .py files under {sysconfig.get_paths()['stdlib']!r} for "
                                 "the builtin corpus; set data.source to a local path")
-    docs = []
     for i in _spread(len(files), max_documents):
         with open(files[i], encoding="utf-8", errors="replace") as f:
-            docs.append(f.read())
-    return docs
+            yield f.read()
+
+
+def _builtin(max_documents: int) -> list[str]:
+    return list(_iter_builtin(max_documents))
 
 
 def _local_files(source: str) -> list[str]:
@@ -285,7 +289,14 @@ def _local(source: str, field: str, max_documents: int, cache_dir: str) -> list[
 
 
 def _hub(spec: str, field: str, max_documents: int, cache_dir: str) -> list[str]:
-    """`hub:NAME[:CONFIG]`, the train split, streamed (network required)."""
+    """`hub:NAME[:CONFIG]`, the train split (network required)."""
+    return list(_iter_hub(spec, field, max_documents, cache_dir))
+
+
+def _iter_hub(spec: str, field: str, max_documents: int, cache_dir: str,
+              split: str = "train") -> Iterator[str]:
+    """`hub:NAME[:CONFIG]` streamed row by row (`streaming=True`): nothing is downloaded
+    whole or held in memory (network required)."""
     import datasets
 
     name, _, config = spec.partition(":")
@@ -294,18 +305,47 @@ def _hub(spec: str, field: str, max_documents: int, cache_dir: str) -> list[str]
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
         raise DataSourceNotFoundError(f"hub dataset {name!r} needs the network but HF offline "
                                       "mode is set; download it and use a local path")
-    ds = datasets.load_dataset(name, config or None, split="train", streaming=True,
+    ds = datasets.load_dataset(name, config or None, split=split, streaming=True,
                                cache_dir=os.path.join(cache_dir, "hf_datasets") if cache_dir
                                else None)
-    docs = []
-    for row in ds:
+    for n, row in enumerate(ds, 1):
         if field not in row:
             raise DataFieldError(f"hub dataset {name!r} has no column {field!r} (columns: "
-                           f"{sorted(row)}); set data.text_field")
-        docs.append(row[field])
-        if max_documents and len(docs) >= max_documents:
+                                 f"{sorted(row)}); set data.text_field")
+        yield row[field]
+        if max_documents and n >= max_documents:
             break
-    return docs
+
+
+def iter_documents(source: str, text_field: str = "text", max_documents: int = 0,
+                   cache_dir: str = "", split: str = "train") -> Iterator[str]:
+    """The non-blank documents of a source one by one, in the order `read_source` returns
+    them. The builtin corpus is read file by file and hub sources are streamed, so neither
+    is ever held in memory whole; local files go through the `datasets` Arrow cache (checked
+    for bad bytes and JSON first, as `read_source` does). `split` names the hub split."""
+    if source == "builtin":
+        docs: Iterable = _iter_builtin(max_documents)
+    elif source.startswith("hub:"):
+        docs = _iter_hub(source[4:], text_field, max_documents, cache_dir, split)
+    elif "://" in source:
+        raise UnknownSourceError(f"data source {source!r} is not a known kind; use 'builtin', "
+                                 "a local path/glob or 'hub:NAME[:CONFIG]'")
+    else:
+        docs = _local(source, text_field, max_documents, cache_dir)
+    seen = False
+    for d in docs:
+        if isinstance(d, str) and d.strip():
+            seen = True
+            yield d
+    if not seen:
+        raise EmptyDatasetError(f"data source {source!r} holds no non-empty documents (field "
+                                f"{text_field!r}); check the files or data.text_field")
+
+
+def doc_key(text: str) -> float:
+    """The split key of a document in [0, 1): it is validation when key < val_fraction."""
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8", "replace")).digest()[:8],
+                          "big") / 2.0**64
 
 
 def read_source(source: str, text_field: str, max_documents: int, cache_dir: str) -> list[str]:
@@ -334,8 +374,7 @@ def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], li
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
-    keys = np.array([int.from_bytes(hashlib.sha1(d.encode("utf-8", "replace")).digest()[:8],
-                                    "big") / 2.0**64 for d in docs])
+    keys = np.array([doc_key(d) for d in docs])
     is_val = keys < val_fraction
     if val_fraction > 0 and not is_val.any():
         if len(docs) == 1:
