@@ -1,0 +1,3 @@
+from jaxdyn.cli.data import main
+
+main()
