@@ -105,10 +105,13 @@ def gather_data_state(state: dict) -> dict:
 def restore_data_state(it, saved: dict) -> list[str]:
     """Put this process's iterator where the checkpoint left it. With another process count
     positions cannot be mapped (documents are split by process), so the data restarts at the
-    next epoch boundary after the furthest process; returns the note to log."""
+    next epoch boundary after the furthest process (the iterator's `restart_after` when it
+    has one: the grain pipeline's); returns the note to log."""
     states = saved.get("processes", [saved])
     if len(states) == jax.process_count():
         return it.restore(states[jax.process_index()]) or []
+    if hasattr(it, "restart_after"):
+        return it.restart_after(states)
     epoch = max(int(st["epoch"]) for st in states) + 1
     it.restore({**it.state(), "epoch": epoch, "row": 0, "index": 0})
     return [f"data: checkpoint from {len(states)} processes resumed on "
