@@ -50,11 +50,12 @@ for _name, _module, _fn in (("forward", "forward", "run_forward"),
                             ("train", "train", "run"), ("routing", "routing", "run"),
                             ("multitoken", "multitoken", "suite"),
                             ("scaling", "scaling", "run"),
+                            ("data", "data", "run"),
                             ("conversion", "conversion", "run")):
     register(_name)(_lazy(_module, _fn))
 
 
-ORDER = ("forward", "decode", "train", "routing", "multitoken", "scaling", "conversion")
+ORDER = ("forward", "decode", "train", "routing", "multitoken", "scaling", "conversion", "data")
 
 
 def run_suites(names: list[str], preset: str, profile: str | None = None,
