@@ -1,12 +1,17 @@
-"""Grouped-query self-attention with RoPE, padding/segment masks and an explicit KV cache.
+"""Grouped-query self-attention with RoPE, segment masks and an explicit KV cache.
 
 Dimension legend: B batch, T query length, S key length (cache slots), D width, N query heads,
 K key/value heads, Hd head dim.
 
-Masks are built from three facts per key slot: its slot index (causality), its segment id
-(packed documents never attend to each other; 0 marks padding) and, for cached decoding, the
-`written` flag (a slot that holds no key is never attended). Routed layers reuse the same
-function with gathered tokens; their caches simply write fewer slots.
+One mask rule for every caller (docs/attention.md): per query a position and a segment id, per
+key a position and a segment id; query q sees key k iff `k_pos <= q_pos`, `q_seg == k_seg` and
+`k_seg != 0`. Positions here are the order of the tokens in the row (slot index), not the RoPE
+positions: self-attention uses 0..T-1 on both sides (dense layers, and routed layers on their
+sorted gathered tokens), cached decoding uses `index + t` for queries and the slot index for
+keys, with the key "segment" being the slot's `written` flag. Query rows that see no key
+(padding) come out as zeros.
+
+`attend` is the one entry point; `pick_implementation` chooses the kernel per backend.
 """
 
 from __future__ import annotations
@@ -19,50 +24,86 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxdyn.model.config import ModelConfig
+from jaxdyn.model.flash import MaskSpec, blockwise_attention, visible
+from jaxdyn.model.kernels import pallas_gpu_attention, splash_attention
 from jaxdyn.model.layers import Proj, apply_rope, dtype_of, rope_cos_sin
 
 LayerCache = dict[str, jax.Array]  # {"k": [B,S,K,Hd], "v": [B,S,K,Hd], "written": [B,S] bool}
+SELF_ONLY = ("splash", "pallas_gpu")  # kernels that only do causal self-attention (T == S)
 
 
-def pick_implementation(cfg: ModelConfig, dtype: jnp.dtype, dense_mask: bool) -> str:
-    """cuDNN where it applies (GPU, half precision, no dense mask), XLA everywhere else."""
-    if cfg.attention_impl != "auto":
-        return cfg.attention_impl
-    on_gpu = jax.default_backend() == "gpu"
-    if on_gpu and not dense_mask and dtype in (jnp.bfloat16, jnp.float16) and cfg.head_dim <= 256:
-        return "cudnn"
-    return "xla"
+def pick_implementation(cfg: ModelConfig, dtype: jnp.dtype, segments: bool,
+                        self_attention: bool) -> str:
+    """The kernel for this call.
+
+    `auto`: TPU → `splash` (self-attention) else `blockwise`; GPU → `cudnn` for mask-free half
+    precision, `pallas_gpu` for other self-attention, else `blockwise`; CPU and anything else →
+    `blockwise`. An explicit `splash`/`pallas_gpu` falls back to `blockwise` for cached decoding
+    (queries and keys differ). `xla` is the dense-mask reference.
+    """
+    impl = cfg.attention_impl
+    if impl == "auto":
+        backend = jax.default_backend()
+        if backend == "tpu":
+            impl = "splash" if self_attention else "blockwise"
+        elif backend == "gpu":
+            half = dtype in (jnp.bfloat16, jnp.float16)
+            if self_attention and not segments and half and cfg.head_dim <= 256:
+                impl = "cudnn"
+            else:
+                impl = "pallas_gpu" if self_attention else "blockwise"
+        else:
+            impl = "blockwise"
+    if impl in SELF_ONLY and not self_attention:
+        impl = "blockwise"
+    return impl
 
 
-def attend(q_BTNH, k_BSKH, v_BSKH, mask_BTS: jax.Array | None, cfg: ModelConfig) -> jax.Array:
-    """Softmax attention; `mask_BTS=None` means plain causal (T == S), the fast path."""
-    impl = pick_implementation(cfg, q_BTNH.dtype, mask_BTS is not None)
+def self_spec(seg_BT: jax.Array | None, B: int, T: int) -> MaskSpec:
+    """Self-attention over the row's own tokens: positions 0..T-1, the given segments (or one
+    segment when None)."""
+    pos_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    seg_BT = jnp.ones((B, T), jnp.int32) if seg_BT is None else seg_BT.astype(jnp.int32)
+    return MaskSpec(pos_BT, seg_BT, pos_BT, seg_BT)
+
+
+def cache_spec(written_BS: jax.Array, index: jax.Array, T: int) -> MaskSpec:
+    """Query t (at slot index+t) sees written slots s <= index+t."""
+    B, S = written_BS.shape
+    q_pos_BT = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
+    k_pos_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+    return MaskSpec(q_pos_BT, jnp.ones((B, T), jnp.int32), k_pos_BS,
+                    written_BS.astype(jnp.int32))
+
+
+def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, spec: MaskSpec,
+           cfg: ModelConfig, segments: bool = True, self_attention: bool = False) -> jax.Array:
+    """Masked GQA softmax attention [B, T, N, Hd] by the kernel `pick_implementation` chooses.
+
+    `self_attention`: T == S and `spec` is `self_spec(...)` (index-causal plus segments), which
+    the fused kernels need; `segments=False` says the segment ids are all one (no padding, one
+    document), which lets XLA and cuDNN use their `is_causal` path instead of a dense mask.
+    """
+    impl = pick_implementation(cfg, q_BTNH.dtype, segments, self_attention)
     scale = cfg.head_dim ** -0.5
-    if mask_BTS is None:
+    if impl == "blockwise":
+        return blockwise_attention(q_BTNH, k_BSKH, v_BSKH, spec, scale, cfg.attention_block)
+    if impl in ("xla", "cudnn") and self_attention and not segments:
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=True,
                                             implementation=impl)
-    out = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
-                                       scale=scale, implementation=impl)
+    if impl == "splash":
+        out = splash_attention(q_BTNH, k_BSKH, v_BSKH, spec.q_seg_BT, scale, cfg.attention_block)
+        any_key_BT = spec.q_seg_BT != 0
+    elif impl == "pallas_gpu":
+        out = pallas_gpu_attention(q_BTNH, k_BSKH, v_BSKH, spec.q_seg_BT, scale)
+        any_key_BT = spec.q_seg_BT != 0
+    else:  # the dense-mask reference: a [B, T, S] mask, T·S memory per row
+        mask_BTS = visible(spec)
+        out = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
+                                           scale=scale, implementation=impl)
+        any_key_BT = jnp.any(mask_BTS, axis=-1)
     # Rows with no visible key (padding queries) come out finite but meaningless: zero them.
-    any_key_BT = jnp.any(mask_BTS, axis=-1)
     return jnp.where(any_key_BT[:, :, None, None], out, jnp.zeros_like(out))
-
-
-def self_mask(seg_BT: jax.Array | None, T: int) -> jax.Array | None:
-    """Causal mask over the tokens themselves; segments and padding (seg 0) restrict it."""
-    if seg_BT is None:
-        return None
-    causal_TT = jnp.tril(jnp.ones((T, T), dtype=bool))
-    same_BTT = (seg_BT[:, :, None] == seg_BT[:, None, :]) & (seg_BT[:, None, :] != 0)
-    return causal_TT[None] & same_BTT
-
-
-def cache_mask(written_BS: jax.Array, index: jax.Array, T: int) -> jax.Array:
-    """Query t (at slot index+t) sees written slots s <= index+t."""
-    S = written_BS.shape[1]
-    q_slot_T = index + jnp.arange(T)
-    causal_TS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
-    return causal_TS[None] & written_BS[:, None, :]
 
 
 class Attention(nn.Module):
@@ -97,11 +138,11 @@ class Attention(nn.Module):
         k_BTKH = checkpoint_name(k_BTKH, "qkv")
         v_BTKH = checkpoint_name(v_BTKH, "qkv")
 
-        T = x_BTD.shape[1]
+        B, T = x_BTD.shape[:2]
         seg_BT = ctx.get("seg_BT")
         if cache is None:
-            mask = self_mask(seg_BT, T)
-            out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, mask, cfg)
+            out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, self_spec(seg_BT, B, T), cfg,
+                              segments=seg_BT is not None, self_attention=True)
             new_cache = None
         else:
             index = ctx["index"]
@@ -117,9 +158,8 @@ class Attention(nn.Module):
                 "v": upd(cache["v"], jnp.where(keep, v_BTKH, jnp.zeros_like(v_BTKH))),
                 "written": written,
             }
-            mask = cache_mask(written, index, T)
             out_BTNH = attend(q_BTNH, new_cache["k"].astype(dt), new_cache["v"].astype(dt),
-                              mask, cfg)
+                              cache_spec(written, index, T), cfg)
         out_BTNH = checkpoint_name(out_BTNH, "attn_out")
         o = Proj((N, Hd), (D,), ("heads", "head_dim", "embed"), cfg.o_bias, dt, pdt, name="o")
         return o(out_BTNH), new_cache

@@ -19,6 +19,8 @@ ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 REMAT_POLICIES = ("none", "full", "dots", "minimal", "offload")
 ARCHS = ("dense", "mod", "dtf")
+# auto picks per backend; xla is the dense-mask reference (docs/attention.md).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise", "splash", "pallas_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,8 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str = "auto"  # auto | xla | cudnn
+    attention_impl: str = "auto"  # see ATTENTION_IMPLS and docs/attention.md
+    attention_block: int = 512  # block (tile) length of the blockwise and splash kernels
     # Conditional compute (see jaxdyn.model.routing.route); "dense" is the plain decoder.
     arch: str = "dense"
     routing: tuple[tuple[str, Any], ...] = ()  # routing options as sorted (key, value) pairs
@@ -89,8 +92,9 @@ class ModelConfig:
              f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"),
             (self.rotary_dim % 2 == 0,
              f"rotary dims head_dim*rotary_pct={self.rotary_dim} must be even"),
-            (self.attention_impl in ("auto", "xla", "cudnn"),
-             f"attention_impl={self.attention_impl!r}; supported: auto, xla, cudnn"),
+            (self.attention_impl in ATTENTION_IMPLS,
+             f"attention_impl={self.attention_impl!r}; supported: {ATTENTION_IMPLS}"),
+            (self.attention_block >= 1, f"attention_block={self.attention_block} must be >= 1"),
         ]
         for ok, msg in checks:
             if not ok:
