@@ -197,13 +197,21 @@ def _backward(q_BTNH, k_BSKH, v_BSKH, spec: MaskSpec, out_BTNH, lse_BKGT, dout_B
             _unblock(dv)[:, :S].astype(v_BSKH.dtype))
 
 
+# Inside an outer `lax.scan` (scanned layers) JAX's partial evaluation splits this forward's
+# loops into a saved and a recomputed part and would stack tile-sized values (the per-tile masks
+# and probabilities, O(T²)) as residuals. As a checkpoint that saves nothing, only its inputs
+# cross that boundary.
+_forward_saving_inputs = jax.checkpoint(_forward, static_argnums=(4, 5, 6),
+                                        policy=jax.checkpoint_policies.nothing_saveable)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _flash(q_BTNH, k_BSKH, v_BSKH, spec: MaskSpec, scale: float, bq: int, bk: int):
     return _forward(q_BTNH, k_BSKH, v_BSKH, spec, scale, bq, bk)[0]
 
 
 def _flash_fwd(q_BTNH, k_BSKH, v_BSKH, spec, scale, bq, bk):
-    out_BTNH, lse_BKGT = _forward(q_BTNH, k_BSKH, v_BSKH, spec, scale, bq, bk)
+    out_BTNH, lse_BKGT = _forward_saving_inputs(q_BTNH, k_BSKH, v_BSKH, spec, scale, bq, bk)
     return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, spec, out_BTNH, lse_BKGT)
 
 

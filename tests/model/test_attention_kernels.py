@@ -181,3 +181,27 @@ def test_cached_decode_equals_full_forward():
         steps.append(out.logits)
         cache = out.cache
     np.testing.assert_allclose(jnp.concatenate(steps, 1), full, **TOL)
+
+
+def test_blockwise_backward_memory_is_linear_in_T_inside_a_layer_scan():
+    """Compiled temp memory of grad through two scanned layers (the trunk's `nn.scan` case,
+    where JAX once stacked every tile's probabilities as residuals) at most doubles with T."""
+
+    def temp_bytes(T: int) -> int:
+        x = jax.ShapeDtypeStruct((1, T, 4, 16), jnp.float32)
+        w = jax.ShapeDtypeStruct((2, 16, 16), jnp.float32)
+        ids = jax.ShapeDtypeStruct((1, T), jnp.int32)
+
+        def loss(w_LHH, x_BTNH, pos_BT, seg_BT):
+            def layer(h_BTNH, w_HH):
+                q_BTNH = h_BTNH @ w_HH
+                k_BTKH = q_BTNH[:, :, :2]
+                spec = MaskSpec(pos_BT, seg_BT, pos_BT, seg_BT)
+                return h_BTNH + blockwise_attention(q_BTNH, k_BTKH, k_BTKH, spec, 0.25, 64), None
+            return jnp.sum(jax.lax.scan(layer, x_BTNH, w_LHH)[0])
+
+        compiled = jax.jit(jax.grad(loss)).lower(w, x, ids, ids).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(512), temp_bytes(1024)
+    assert large <= 2.3 * small, (small, large)
