@@ -231,22 +231,28 @@ class PackedRows(PackedIterator):
         """As `PackedIterator.epoch_layout`, kept compact: 16 bytes per row, no Python
         objects per row (the plan is the only memory that grows with the corpus)."""
         lengths = self.lengths[self.epoch_order(epoch)].tolist()
-        starts = array.array("q")
+        small = len(lengths) < 2**31 and max(lengths, default=0) < 2**31
+        starts = array.array("i" if small else "q")
         doc, offset = 0, 0
         while doc < len(lengths):
             starts.extend((doc, offset))
             doc, offset = self._fill(lengths, doc, offset)
-        return np.frombuffer(starts, np.int64).reshape(-1, 2)
+        return np.frombuffer(starts, np.int32 if small else np.int64).reshape(-1, 2)
 
     def _tokens(self, doc: int, start: int, stop: int) -> np.ndarray:
         return self.read(int(doc), start, stop)
 
-    def _plan_of(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    def _plan_of(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(document order, row starts in packing order, serving order of the rows): the
+        serving order is kept as a permutation (int32) rather than a reordered copy."""
         with self._lock:
             plan = self._plans.get(epoch)
         if plan is None:
             layout = self.epoch_layout(epoch)
-            plan = (self.epoch_order(epoch), layout[self.row_order(epoch, len(layout))])
+            serve = self.row_order(epoch, len(layout))
+            if len(layout) < 2**31:
+                serve = serve.astype(np.int32)
+            plan = (self.epoch_order(epoch), layout, serve)
             with self._lock:
                 self._plans[epoch] = plan
                 for old in sorted(self._plans)[:-self._keep]:
@@ -274,8 +280,8 @@ class PackedRows(PackedIterator):
     def row(self, index: int) -> dict[str, np.ndarray]:
         """Global row `index`: int32 [T] "tokens", "positions", "segment_ids"."""
         epoch, r = self.locate(index)
-        order, starts = self._plan_of(epoch)
-        doc, offset = starts[r]
+        order, starts, serve = self._plan_of(epoch)
+        doc, offset = starts[serve[r]]
         out = {k: v[0] for k, v in self.empty_batch(1).items()}
         lengths = [self._length(d) for d in order[doc:doc + self.seq_len + 1]]
         self._fill(lengths, 0, int(offset), order[doc:],
