@@ -125,7 +125,8 @@ class GrainTextIterator:
     def _checks(self) -> dict:
         return {"seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
                 "process_index": self.process_index, "process_count": self.process_count,
-                "docs": [len(d) for d in self.docs], "weights": self.weights}
+                "docs": [len(d) for d in self.docs], "weights": self.weights,
+                "workers": self.workers}  # grain's state layout depends on the worker count
 
     def state(self) -> dict:
         """JSON-able position: grain's iterator state (bytes decoded), the start row of each
@@ -160,7 +161,8 @@ class GrainTextIterator:
             if state.get(k) != v:
                 raise ValueError(f"data iterator state has {k}={state.get(k)!r} but this "
                                  f"iterator has {v!r}; resume with the same data, tokenizer, "
-                                 "seed, batch, seq_len, mixture and process layout")
+                                 "seed, batch, seq_len, mixture, data.workers and process "
+                                 "layout")
         self._build(state["starts"])
         g = state["grain"]
         self._it.set_state(g["bytes"].encode() if set(g) == {"bytes"} else _int_keys(g))

@@ -263,6 +263,18 @@ def test_hub_sources_are_streamed(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset",
                         lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     m = prepare(SourceSpec(f"hub:{tmp_path / 'hub'}", text_field="body", max_documents=20),
-                TOK, str(tmp_path / "p"), shards=2)
+                TOK, str(tmp_path / "p"), shards=2, val_fraction=0.3)
     assert calls and all(kw.get("streaming") is True for kw in calls)
     assert sum(m["documents"].values()) == 20
+
+
+def test_a_state_of_the_in_memory_packer_continues_at_its_row(builtin40):
+    """Checkpoints written before this pipeline hold PackedIterator states (version 2)."""
+    old = make_train_iterator(DataConfig(max_documents=40), TOK, seq_len=32, batch_size=3,
+                              seed=2)
+    for _ in range(9):
+        next(old)
+    it = GrainTextIterator([PreparedDocs(builtin40, "train")], [1.0], seq_len=32,
+                           batch_size=3, seed=2, pad_id=TOK.pad_id)
+    assert it.restore(json.loads(json.dumps(old.state())))
+    assert all(same(next(it), next(old)) for _ in range(4))
