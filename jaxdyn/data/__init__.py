@@ -189,8 +189,8 @@ def _barrier(name: str, process_count: int) -> None:
 def prepared_folders(cfg: DataConfig, tokenizer, process_index: int = 0,
                      process_count: int = 1) -> list[str]:
     """The prepared folder of each mixture entry: the entry itself when it is one, else
-    `<cache_dir>/prepared/<key>`, prepared now if needed (each process writes its own shards;
-    process 0 writes the manifest once all are there; the cache must be shared by them)."""
+    `<cache_dir>/prepared/<key>`, prepared now if needed (each process writes its own shards,
+    then, after a barrier, the manifest; the cache must be shared by them)."""
     root = cfg.cache_dir or os.path.join(tempfile.gettempdir(), "jaxdyn-data")
     folders, todo = [], []
     for spec in cfg.entries():
@@ -208,13 +208,11 @@ def prepared_folders(cfg: DataConfig, tokenizer, process_index: int = 0,
                 cache_dir=cfg.cache_dir, finalize=process_count == 1)
     if todo and process_count > 1:
         _barrier("jaxdyn: data shards written", process_count)
-        if process_index == 0:
-            for _, folder in todo:
-                if finalize_folder(folder) is None:
-                    raise EmptyDatasetError(f"{folder!r}: shards are missing after every "
-                                            "process prepared its own; is data.cache_dir "
-                                            "shared by all processes?")
-        _barrier("jaxdyn: data manifests written", process_count)
+        for _, folder in todo:  # every process: the same manifest, written atomically, and
+            if finalize_folder(folder) is None:  # the same error everywhere (none waits)
+                raise EmptyDatasetError(f"{folder!r}: shards are missing after every "
+                                        "process prepared its own; is data.cache_dir "
+                                        "shared by all processes?")
     for folder in folders:
         check_tokenizer(folder, tokenizer)
     return folders
