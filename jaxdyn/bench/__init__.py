@@ -11,7 +11,9 @@ Suites (each a function `(preset, ctx) -> rows`, registered in `SUITES`):
 | multitoken | verify / DynaMo decoding | single-token decoding |
 | scaling | FSDP throughput and state bytes per device, N fake devices | N = 1 |
 | conversion | `conversion.from_hf` peak RSS | checkpoint bytes |
+| data | grain pipeline tokens/s; peak RSS at 1× vs 10× corpus | `small` trainer's use |
 | attention | packed train step: peak memory and time, T = 1k…8k | `attention_impl="xla"` |
+| kernels | this backend's attention kernels: errors, leakage | `attention_impl="xla"` |
 
 `run_suites(names, preset)` returns `(rows, meta)`; `jaxdyn.bench.common.write_results`
 writes JSON and the Markdown table. Presets (model shape and workload) come from
@@ -53,12 +55,13 @@ for _name, _module, _fn in (("forward", "forward", "run_forward"),
                             ("scaling", "scaling", "run"),
                             ("data", "data", "run"),
                             ("attention", "attention", "run"),
+                            ("kernels", "kernels", "run"),
                             ("conversion", "conversion", "run")):
     register(_name)(_lazy(_module, _fn))
 
 
 ORDER = ("forward", "decode", "train", "routing", "multitoken", "scaling", "conversion", "data",
-         "attention")
+         "attention", "kernels")
 
 
 def run_suites(names: list[str], preset: str, profile: str | None = None,

@@ -1,5 +1,5 @@
 """`python -m jaxdyn.bench --suite {forward,decode,train,routing,multitoken,scaling,conversion,data,
-attention,all}
+attention,kernels,all}
 --out results.json [--preset tiny|small|qwen2.5-0.5b|qwen2.5-1.5b] [--profile DIR]`
 
 Presets are those of configs/bench.py. The scaling and conversion suites start this command

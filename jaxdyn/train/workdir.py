@@ -46,7 +46,7 @@ LOCK = ".lock"
 RUN_PATHS = ("config.json", "model_config.json", "run.json", "metrics.jsonl", "tokenizer",
              LOCK, "tensorboard")
 # Model fields that choose how the maths runs, not what is trained: a rerun may change them.
-EXECUTION_FIELDS = ("dtype", "remat_policy", "attention_impl")
+EXECUTION_FIELDS = ("dtype", "remat_policy", "attention_impl", "attention_block")
 _HELD: set[str] = set()  # lock files this process holds now
 
 

@@ -46,7 +46,7 @@ def _finite_positive(x):
 
 def test_registry_has_every_suite():
     assert set(SUITES) == {"forward", "decode", "train", "routing", "multitoken", "scaling",
-                           "conversion"}
+                           "conversion", "data", "attention", "kernels"}
 
 
 def test_presets_come_from_the_config_table(monkeypatch):
@@ -211,3 +211,13 @@ def test_markdown_table_formats_ratios_and_flags():
     md = common.markdown_table([{"suite": "s", "name": "n", "impl": "jaxdyn", "ratio": 1.234,
                                  "meets_target": False, "mfu": 0.5}])
     assert "1.23" in md and "NO" in md and "50.0%" in md
+
+
+def test_kernels_suite_checks_every_kernel_against_xla():
+    """The accelerator check's parity step, here in Pallas interpret mode on the CPU: a kernel
+    that drifted from the reference or let a document see another would come out NO."""
+    rows, _ = run_suites(["kernels"], "tiny", kernels_seq_len=128)
+    assert {r["impl"] for r in rows} == {"blockwise", "splash", "pallas_gpu"}
+    for r in rows:
+        assert r["meets_target"] is True, r
+        assert r["leak"] == 0.0 and r["max_abs_out"] <= 3e-2 and r["max_abs_grad"] <= 3e-2

@@ -38,8 +38,8 @@ ROUTED_ARCHS = ("mod", "dtf")
 NEW = {"mod": ("router", "predictor"),
        "dtf": ("prior_norm", "prior", "beta_ce", "beta_cu", "o_ce", "m_cu", "predictor")}
 # Config fields that may differ between the dense source and the routed target.
-FREE_FIELDS = {"arch", "routing", "scan_layers", "remat_policy", "attention_impl", "dtype",
-               "param_dtype"}
+FREE_FIELDS = {"arch", "routing", "scan_layers", "remat_policy", "attention_impl",
+               "attention_block", "dtype", "param_dtype"}
 _LAYER = re.compile(r"layers_(\d+)$")
 
 
