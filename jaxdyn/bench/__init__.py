@@ -68,7 +68,8 @@ def run_suites(names: list[str], preset: str, profile: str | None = None,
                **options) -> tuple[list[dict], dict]:
     """Run `names` ("all" = every suite) on `preset`; (rows, meta). A failing suite yields
     one row naming the error, so the others still report. `options` reach the suites:
-    `device_counts` (scaling), `routing_variants` ((arch, capacity) pairs), `multitoken_dir`."""
+    `device_counts` (scaling), `routing_variants` ((arch, capacity) pairs), `multitoken_dir`.
+    A `train` suite run before `data` gives it the trainer's tokens/s of this run."""
     if "all" in names:
         names = list(ORDER)
     unknown = [n for n in names if n not in SUITES]
@@ -83,7 +84,13 @@ def run_suites(names: list[str], preset: str, profile: str | None = None,
     for name in names:
         t0 = time.perf_counter()
         try:
-            rows += SUITES[name](preset, ctx)
+            new = SUITES[name](preset, ctx)
+            rows += new
+            # The data suite compares against the trainer's consumption measured in this run.
+            trainer = [r["tokens_per_s"] for r in new if r.get("suite") == "train"
+                       and r.get("impl") == "jaxdyn" and r.get("tokens_per_s")]
+            if trainer and "train_tokens_per_s" not in ctx:
+                ctx["train_tokens_per_s"] = trainer[0]
         except Exception as e:  # report and continue with the other suites
             rows.append({"suite": name, "name": "error", "impl": "jaxdyn",
                          "notes": f"{type(e).__name__}: {e}"[:300],
