@@ -201,3 +201,21 @@ def test_local_sh_sigterm_saves_every_process_in_the_callers_folder(tmp_path):
     saved = [p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()]
     assert saved and int(max(saved, key=int)) >= 2, saved
     assert not (ROOT / rel).exists()
+
+
+def test_accelerator_check_names_real_suites_and_parses():
+    """launch/accelerator_check.sh cannot run here (no accelerator; its CPU dry run takes two
+    minutes, docs/scale-out.md): check that bash parses it and that every bench suite and
+    preset it asks for exists, so the day a GPU is lent it does not die on a typo."""
+    import re
+
+    from jaxdyn.bench import SUITES
+    from jaxdyn.bench.common import get_preset
+
+    script = ROOT / "launch" / "accelerator_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    suites = set(re.findall(r"--suite (\w+)", text))
+    assert suites >= {"kernels", "train", "routing", "attention"} and suites <= set(SUITES)
+    preset = re.search(r'PRESET="\$\{PRESET:-([^}]+)\}"', text).group(1)
+    assert preset == "qwen2.5-0.5b" and get_preset(preset).model["hidden_size"] == 896
