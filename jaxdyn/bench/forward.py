@@ -41,7 +41,9 @@ def run_forward(preset_name: str, ctx: dict) -> list[dict]:
     mem, src = common.peak_memory_bytes()
     jx = _row(suite="forward", name=f"forward B{B}xT{T}", impl="jaxdyn",
               tokens_per_s=B * T / t["best_s"], step_ms=1e3 * t["best_s"],
-              mfu=common.mfu(f_tok, B * T / t["best_s"], peak), peak_mem_bytes=mem,
+              mfu=common.mfu(f_tok, B * T / t["best_s"], peak),
+              mfu_vendor=common.mfu(f_tok, B * T / t["best_s"],
+                                    ctx["peaks"].get("peak_flops_vendor")), peak_mem_bytes=mem,
               compile_s=t["warmup_s"], notes=f"mem: {src}")
     rows = [jx]
     if p.torch and common.torch_available():

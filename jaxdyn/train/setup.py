@@ -164,7 +164,7 @@ def write_run_files(workdir: str, cfg: mlc.ConfigDict, mcfg: ModelConfig, mesh, 
            "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
            "device_kind": jax.devices()[0].device_kind, "processes": jax.process_count(),
            "mesh": dict(mesh.shape), "git": git, "argv": sys.argv, "init": report,
-           "peak_flops_measured": peak, "peak_flops_vendor": flops.vendor_peak(),
+           "peak_flops_measured": peak, "peak_flops_vendor": flops.vendor_peak(mcfg.dtype),
            "train_flops_per_token": flops.train_flops_per_token(mcfg, cfg.train.seq_len)}
     safe_write(workdir, "run.json", json.dumps(run, indent=2))
 
