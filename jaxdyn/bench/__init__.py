@@ -27,7 +27,7 @@ import time
 import traceback
 from collections.abc import Callable
 
-from jaxdyn.bench import common
+from jaxdyn.bench import common, protocol
 
 SuiteFn = Callable[[str, dict], list[dict]]
 SUITES: dict[str, SuiteFn] = {}
@@ -69,7 +69,10 @@ def run_suites(names: list[str], preset: str, profile: str | None = None,
     """Run `names` ("all" = every suite) on `preset`; (rows, meta). A failing suite yields
     one row naming the error, so the others still report. `options` reach the suites:
     `device_counts` (scaling), `routing_variants` ((arch, capacity) pairs), `multitoken_dir`.
-    A `train` suite run before `data` gives it the trainer's tokens/s of this run."""
+    A `train` suite run before `data` gives it the trainer's tokens/s of this run.
+    Every suite runs under the measurement protocol (`jaxdyn.bench.protocol`): load and foreign
+    CPU recorded, noisy rows not judged; `settle_s` (default 0 here, 45 s from the command
+    line) waits for the previous suite's load to decay first."""
     if "all" in names:
         names = list(ORDER)
     unknown = [n for n in names if n not in SUITES]
@@ -84,8 +87,9 @@ def run_suites(names: list[str], preset: str, profile: str | None = None,
     for name in names:
         t0 = time.perf_counter()
         try:
-            new = SUITES[name](preset, ctx)
-            rows += new
+            with protocol.Watch(ctx.get("settle_s", 0.0)) as watch:
+                new = SUITES[name](preset, ctx)
+            rows += protocol.judge(new, watch.facts())
             # The data suite compares against the trainer's consumption measured in this run.
             trainer = [r["tokens_per_s"] for r in new if r.get("suite") == "train"
                        and r.get("impl") == "jaxdyn" and r.get("tokens_per_s")]

@@ -4,7 +4,9 @@ and the JSON/Markdown writer.
 Every suite returns a list of *rows* (flat dicts). The fields every row may carry:
 `suite`, `name`, `impl` (jaxdyn | torch | ...), `tokens_per_s`, `step_ms`, `mfu`,
 `peak_mem_bytes`, `ratio` (this row ÷ the reference row of the same run), `ref` (which row),
-`flop_ratio`, `target` (text), `meets_target` (bool or None), `notes`.
+`flop_ratio`, `target` (text), `meets_target` (bool or None), `notes`; timed comparisons
+add `spread` and `rounds`, and `jaxdyn.bench.protocol` adds `load_before`, `load_after`,
+`foreign_cpu`, `noisy` and `noise` to every row.
 """
 
 from __future__ import annotations
@@ -136,18 +138,6 @@ def time_fn(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> dict[st
     return {"best_s": min(times), "median_s": statistics.median(times), "warmup_s": warm}
 
 
-def time_stateful(step: Callable[[Any], Any], state: Any, repeats: int = 3,
-                  warmup: int = 1) -> tuple[dict[str, float], Any]:
-    """Like `time_fn` for `state = step(state)` (donated train states)."""
-    box = [state]
-
-    def call():
-        box[0] = step(box[0])
-        return box[0]
-
-    return time_fn(call, repeats, warmup), box[0]
-
-
 # ----------------------------------------------------------------------------- peaks, memory
 
 
@@ -186,6 +176,19 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None,
     if not peak:
         return None
     return flops.mfu(flops_per_token, tokens_per_s, peak, n_devices)
+
+
+def timed_row(suite: str, name: str, impl: str, t: dict, tokens: float, flops_per_token: float,
+              peaks: dict, **extra) -> dict:
+    """A row from a `protocol.interleave` result: tokens/s and step time from the median
+    round, its spread and rounds, MFU against the measured and the vendor peak."""
+    tps = tokens / t["median_s"]
+    return {"suite": suite, "name": name, "impl": impl, "tokens_per_s": tps,
+            "step_ms": 1e3 * t["median_s"], "best_ms": 1e3 * t["best_s"],
+            "spread": t["spread"], "rounds": t["rounds"],
+            "mfu": mfu(flops_per_token, tps, peaks.get("peak_flops_measured")),
+            "mfu_vendor": mfu(flops_per_token, tps, peaks.get("peak_flops_vendor")),
+            "flops_per_token": flops_per_token, "compile_s": t["warmup_s"], **extra}
 
 
 def ratio_row(row: dict, ref: dict, ref_name: str, key: str = "tokens_per_s") -> dict:
@@ -259,7 +262,8 @@ COLUMNS = (("suite", "suite"), ("name", "name"), ("impl", "impl"),
            ("tokens_per_s", "tokens/s"), ("step_ms", "step ms"), ("mfu", "MFU"),
            ("mfu_vendor", "MFU (vendor peak)"),
            ("peak_mem_bytes", "peak mem"), ("ratio", "ratio"), ("ref", "vs"),
-           ("flop_ratio", "FLOP ratio"), ("target", "target"), ("meets_target", "ok"),
+           ("flop_ratio", "FLOP ratio"), ("spread", "spread"), ("load_before", "load"),
+           ("target", "target"), ("meets_target", "ok"), ("noise", "noisy because"),
            ("notes", "notes"))
 
 
@@ -270,7 +274,7 @@ def _fmt(key: str, v: Any) -> str:
         return "yes" if v else "NO"
     if key == "peak_mem_bytes":
         return f"{v / 2**20:,.0f} MiB"
-    if key in ("mfu", "mfu_vendor"):
+    if key in ("mfu", "mfu_vendor", "spread"):
         return f"{100 * v:.1f}%"
     if isinstance(v, float):
         if not math.isfinite(v):
@@ -283,7 +287,7 @@ def _fmt(key: str, v: Any) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """One GitHub Markdown table of every row (the COLUMNS that any row fills)."""
-    cols = [(k, h) for k, h in COLUMNS if any(r.get(k) is not None for r in rows)]
+    cols = [(k, h) for k, h in COLUMNS if any(r.get(k) not in (None, "") for r in rows)]
     lines = ["| " + " | ".join(h for _, h in cols) + " |",
              "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:

@@ -3,51 +3,58 @@ shapes, in one run: forward time and train-step time, each as a ratio to dense, 
 FLOP ratio (`jaxdyn.model.routed_flops_per_token`, routers and PriorFFN included).
 
 Target (CPU): measured time ratio ≤ 1.2 × the FLOP ratio, i.e. routing overhead (top-k,
-gather/scatter, routers) costs at most 20 % beyond what the FLOPs predict.
+gather/scatter, routers) costs at most 20 % beyond what the FLOPs predict. All variants' steps
+(then forwards) run in interleaved rounds; times are medians (`jaxdyn.bench.protocol`).
 """
 
 from __future__ import annotations
 
 import jax
 
-from jaxdyn.bench import common
+from jaxdyn.bench import common, protocol
 from jaxdyn.bench.train import jaxdyn_step
 from jaxdyn.model import build
 from jaxdyn.model.routing.flops import routed_flops_per_token
-from jaxdyn.train import schema
+from jaxdyn.train import flops, schema
 
 ROUTING_TARGET = 1.2
 VARIANTS = (("dense", None), ("mod", 0.125), ("mod", 0.5), ("dtf", 0.125), ("dtf", 0.5))
 CONFIG_FILE = {"dense": "standard", "mod": "mod", "dtf": "dtf"}
 
 
-def forward_time(cfg, params, repeats: int) -> float:
-    """Best seconds of the jitted training-mode forward (top-k routing), hidden states only."""
+def forward_fn(cfg, params):
+    """The jitted training-mode forward (top-k routing), hidden states only, as a callable."""
     model = build(schema.model_config(cfg))
     batch = common.random_batch(cfg)
     tok, pos = batch["tokens"][0], batch["positions"][0]
     fwd = jax.jit(lambda prm: model.apply({"params": prm}, tok, pos, compute_logits=False).hidden)
-    return common.time_fn(lambda: fwd(params), repeats)["best_s"]
+    return lambda: fwd(params)
 
 
 def run(preset_name: str, ctx: dict) -> list[dict]:
     p = common.get_preset(preset_name)
     tokens = p.batch * p.seq_len
-    peak = ctx["peaks"].get("peak_flops_measured")
-    rows, dense = [], None
+    steps, fwds, info = {}, {}, {}
     for arch, cap in ctx.get("routing_variants") or VARIANTS:
         cfg = common.train_config(p, CONFIG_FILE[arch], capacity=cap)
-        mcfg = schema.model_config(cfg)
-        f = routed_flops_per_token(mcfg, p.seq_len)
-        tr = jaxdyn_step(cfg, ctx, p.repeats)
-        fwd_s = forward_time(cfg, tr.pop("state").params["params"], p.repeats)
         name = arch if cap is None else f"{arch} c{cap}"
-        row = {"suite": "routing", "name": name, "impl": "jaxdyn",
-               "tokens_per_s": tokens / tr["best_s"], "step_ms": 1e3 * tr["best_s"],
-               "forward_ms": 1e3 * fwd_s,
-               "mfu": common.mfu(tr["flops_per_token"], tokens / tr["best_s"], peak),
-               "flops_per_token": f["model"], "dense_flops_per_token": f["dense_equivalent"],
-               "compile_s": tr["warmup_s"]}
+        steps[name] = jaxdyn_step(cfg)
+        state = common.block(steps[name]())  # compiles; its parameters feed the forward
+        # a copy: the next step donates (deletes) this state's buffers
+        fwds[name] = forward_fn(cfg, jax.tree.map(lambda x: x.copy(), state.params["params"]))
+        info[name] = (cap, schema.model_config(cfg))
+    # Every variant's step (then forward) in interleaved rounds: drift hits all alike.
+    train_t = protocol.interleave(steps, p.repeats)
+    fwd_t = protocol.interleave(fwds, p.repeats)
+    rows, dense = [], None
+    for name, (cap, mcfg) in info.items():
+        f = routed_flops_per_token(mcfg, p.seq_len)
+        f_train = flops.train_flops_per_token(mcfg, p.seq_len)["model"]
+        row = common.timed_row("routing", name, "jaxdyn", train_t[name], tokens, f_train,
+                               ctx["peaks"], forward_ms=1e3 * fwd_t[name]["median_s"],
+                               dense_flops_per_token=f["dense_equivalent"])
+        row["flops_per_token"] = f["model"]
+        row["spread"] = max(train_t[name]["spread"], fwd_t[name]["spread"])
         if dense is None:
             dense = row
             row["notes"] = f"reference; L={mcfg.num_layers}, T={p.seq_len}"

@@ -20,7 +20,7 @@ import sys
 
 import jax
 
-from jaxdyn.bench import common
+from jaxdyn.bench import common, protocol
 from jaxdyn.bench.train import jaxdyn_step
 
 DEVICE_COUNTS = (1, 2, 4, 8)
@@ -47,15 +47,16 @@ def child(n: int, preset: dict) -> dict:
     p = common.Preset(**preset)
     batch = -(-p.batch // n) * n  # rows divisible by the fsdp axis
     cfg = common.train_config(p, mesh=(1, n, 1), batch=batch)
-    ctx = {"peaks": {}}
-    r = jaxdyn_step(cfg, ctx, p.repeats)
-    state = r["state"]
+    step = jaxdyn_step(cfg)
+    r = protocol.interleave({"step": step}, p.repeats)["step"]
+    state = step()
     params_b = per_device_bytes(state.params)
     opt_b = per_device_bytes(state.opt_state)
     total_b = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
     tokens = batch * cfg.train.seq_len
-    return {"devices": n, "batch": batch, "tokens_per_s": tokens / r["best_s"],
-            "step_ms": 1e3 * r["best_s"], "params_bytes_per_device": params_b,
+    return {"devices": n, "batch": batch, "tokens_per_s": tokens / r["median_s"],
+            "step_ms": 1e3 * r["median_s"], "spread": r["spread"], "rounds": r["rounds"],
+            "params_bytes_per_device": params_b,
             "opt_bytes_per_device": opt_b, "state_bytes_per_device": params_b + opt_b,
             "state_bytes_total": total_b, "compile_s": r["warmup_s"]}
 

@@ -14,7 +14,7 @@ import dataclasses
 import json
 from collections.abc import Sequence
 
-from jaxdyn.bench import ORDER, common, conversion, run_suites, scaling
+from jaxdyn.bench import ORDER, common, conversion, protocol, run_suites, scaling
 
 WORKERS = ("scaling", "conversion")
 
@@ -33,7 +33,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--devices", default=None,
                     help="scaling suite: comma-separated device counts (default 1,2,4,8)")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="timed calls per measurement (default: the preset's)")
+                    help="timed rounds per measurement, interleaved with the reference "
+                         "(default: the preset's)")
+    ap.add_argument("--settle-s", type=float, default=protocol.SETTLE_S,
+                    help="before each suite, wait up to this many seconds for the 1-minute "
+                         f"load average to fall under {protocol.MAX_LOAD} (default "
+                         f"{protocol.SETTLE_S:g})")
     # Subprocess workers of the scaling and conversion suites (not for people).
     ap.add_argument("--worker", choices=WORKERS, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -75,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     suites = args.suite or ["all"]
     if args.profile and "train" not in suites and "all" not in suites:
         suites = [*suites, "train"]
-    rows, meta = run_suites(suites, args.preset, profile=args.profile, device_counts=counts)
+    rows, meta = run_suites(suites, args.preset, profile=args.profile, device_counts=counts,
+                            settle_s=args.settle_s)
     md = common.write_results(args.out, rows, meta)
     print(md)
     print(f"\nwrote {args.out} and its .md table; device {meta['peaks']['device']}, measured "
