@@ -185,7 +185,8 @@ def timed_row(suite: str, name: str, impl: str, t: dict, tokens: float, flops_pe
     tps = tokens / t["median_s"]
     return {"suite": suite, "name": name, "impl": impl, "tokens_per_s": tps,
             "step_ms": 1e3 * t["median_s"], "best_ms": 1e3 * t["best_s"],
-            "spread": t["spread"], "rounds": t["rounds"],
+            "spread": t["spread"], "range": t["range"], "rounds": t["rounds"],
+            "round_ms": [round(1e3 * x, 3) for x in t["times"]],
             "mfu": mfu(flops_per_token, tps, peaks.get("peak_flops_measured")),
             "mfu_vendor": mfu(flops_per_token, tps, peaks.get("peak_flops_vendor")),
             "flops_per_token": flops_per_token, "compile_s": t["warmup_s"], **extra}

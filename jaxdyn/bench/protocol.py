@@ -9,8 +9,9 @@ Three facts are recorded for every suite and judged before a target is called me
   minus what this process and its children spent (`getrusage`), as a share of the suite's
   wall time × cores: other jobs stealing cores show up here even when the load average lags.
 - **Spread.** Each side of a comparison is timed in interleaved rounds (A B, then B A, …), so
-  drift and bursts of other work hit both sides alike; a row reports its median and its spread
-  (max − min) / median over the rounds.
+  drift and bursts of other work hit both sides alike; a row reports its median and its spread,
+  the interquartile range over the median (robust to one slow round; the full range is kept as
+  `range`, every round's time as `round_ms`).
 
 A row is *noisy* when the load before exceeded `MAX_LOAD`, the foreign CPU share exceeded
 `MAX_FOREIGN`, or its spread exceeded `MAX_SPREAD`; a noisy row, or one compared against a
@@ -30,8 +31,13 @@ from jaxdyn.bench.common import block
 
 MAX_LOAD = 1.5  # 1-min load average before a suite
 MAX_FOREIGN = 0.15  # share of all cores used by other processes during a suite
-MAX_SPREAD = 0.10  # (max - min) / median of a row's rounds
+MAX_SPREAD = 0.10  # interquartile range / median of a row's rounds
 SETTLE_S = 45.0  # longest wait for the load average to fall under MAX_LOAD before a suite
+# Pause before each timed call: a runtime's worker threads keep spinning for a while after
+# their work ends (OpenMP's wait policy, XLA's thread pool), and would steal the cores from the
+# other side's next call. Measured: without it, jaxdyn's train step right after a PyTorch step
+# took up to 1.4x longer (docs/results/performance.md).
+PAUSE_S = 0.3
 
 
 def load_average() -> float:
@@ -93,11 +99,12 @@ class Watch:
                 "cpu_count": os.cpu_count(), "suite_noise": reasons}
 
 
-def interleave(fns: dict[str, Callable[[], Any]], rounds: int,
-               warmup: int = 1) -> dict[str, dict[str, Any]]:
+def interleave(fns: dict[str, Callable[[], Any]], rounds: int, warmup: int = 2,
+               pause_s: float = PAUSE_S) -> dict[str, dict[str, Any]]:
     """Time each callable `rounds` times, interleaved A B, B A, A B, … after `warmup` untimed
-    calls each (compilation). A callable returning a float reports its own seconds (e.g. a
-    decode time that excludes prefill); otherwise its wall time counts, results blocked on.
+    calls each (compilation), with `pause_s` of idle time before every timed call (see
+    PAUSE_S). A callable returning a float reports its own seconds (e.g. a decode time that
+    excludes prefill); otherwise its wall time counts, results blocked on.
     Returns per name: median_s, best_s, spread, rounds, times, warmup_s."""
     names = list(fns)
     warm = {}
@@ -109,6 +116,8 @@ def interleave(fns: dict[str, Callable[[], Any]], rounds: int,
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(max(rounds, 1)):
         for n in (names if r % 2 == 0 else names[::-1]):
+            if pause_s > 0 and len(names) > 1:
+                time.sleep(pause_s)
             t0 = time.perf_counter()
             out = block(fns[n]())
             dt = time.perf_counter() - t0
@@ -117,9 +126,13 @@ def interleave(fns: dict[str, Callable[[], Any]], rounds: int,
 
 
 def summary(times: list[float]) -> dict[str, Any]:
+    """Median, best, spread (IQR / median), range ((max − min) / median) of the rounds."""
     med = statistics.median(times)
+    q1, _, q3 = (statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1
+                 else (med, med, med))
+    rel = lambda x: x / med if med > 0 else 0.0
     return {"median_s": med, "best_s": min(times), "rounds": len(times),
-            "spread": (max(times) - min(times)) / med if med > 0 else 0.0,
+            "spread": rel(q3 - q1), "range": rel(max(times) - min(times)),
             "times": [round(t, 6) for t in times]}
 
 

@@ -17,13 +17,17 @@ def test_interleave_alternates_the_order_and_reports_median_and_spread():
     def make(name):
         def fn():
             calls.append(name)
-            return fake[name][(len([c for c in calls if c == name]) - 2)]  # after 1 warm-up
+            return fake[name][calls.count(name) - 2]  # after 1 warm-up (index -1 then)
         return fn
 
-    out = protocol.interleave({"a": make("a"), "b": make("b")}, rounds=3, warmup=1)
+    out = protocol.interleave({"a": make("a"), "b": make("b")}, rounds=3, warmup=1, pause_s=0)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-ups, then AB BA AB
     assert out["a"]["times"] == [0.10, 0.12, 0.11] and out["a"]["median_s"] == 0.11
-    assert out["b"]["spread"] == pytest.approx((0.30 - 0.20) / 0.20)
+    assert out["b"]["range"] == pytest.approx((0.30 - 0.20) / 0.20)
+    # spread is the interquartile range (linear quantiles) / median: q1 0.20, q3 0.25
+    assert out["b"]["spread"] == pytest.approx((0.25 - 0.20) / 0.20)
+    five = protocol.summary([1.0, 1.0, 1.0, 1.0, 2.0])  # one slow round: range, not spread
+    assert five["range"] == pytest.approx(1.0) and five["spread"] == 0.0
     assert out["b"]["best_s"] == 0.20 and out["b"]["rounds"] == 3
 
 
