@@ -34,9 +34,9 @@ MAX_FOREIGN = 0.15  # share of all cores used by other processes during a suite
 MAX_SPREAD = 0.10  # interquartile range / median of a row's rounds
 SETTLE_S = 45.0  # longest wait for the load average to fall under MAX_LOAD before a suite
 # Pause before each timed call: a runtime's worker threads keep spinning for a while after
-# their work ends (OpenMP's wait policy, XLA's thread pool), and would steal the cores from the
-# other side's next call. Measured: without it, jaxdyn's train step right after a PyTorch step
-# took up to 1.4x longer (docs/results/performance.md).
+# their work ends (OpenMP's wait policy, XLA's thread pool) and would steal the cores from the
+# other side's next call. It reduces, but does not remove, the slowdown of jaxdyn's first train
+# steps after PyTorch ones (docs/results/performance.md); the spread rule reports what is left.
 PAUSE_S = 0.3
 
 
