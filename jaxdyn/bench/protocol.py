@@ -13,9 +13,11 @@ Three facts are recorded for every suite and judged before a target is called me
   the interquartile range over the median (robust to one slow round; the full range is kept as
   `range`, every round's time as `round_ms`).
 
-A row is *noisy* when the load before exceeded `MAX_LOAD`, the foreign CPU share exceeded
-`MAX_FOREIGN`, or its spread exceeded `MAX_SPREAD`; a noisy row, or one compared against a
-noisy reference, gets `meets_target = None`: its target is neither met nor missed.
+A timed row (one that carries a `spread`: its figure is a time) is *noisy* when the load
+before exceeded `MAX_LOAD`, the foreign CPU share exceeded `MAX_FOREIGN`, or its spread
+exceeded `MAX_SPREAD`; a noisy row, or one compared against a noisy reference, gets
+`meets_target = None`: its target is neither met nor missed. Rows whose target is not a time
+(parity of kernels, compiled memory, RSS) keep their verdict: load cannot change them.
 """
 
 from __future__ import annotations
@@ -140,16 +142,19 @@ def judge(rows: list[dict], facts: dict[str, Any]) -> list[dict]:
     """Attach the suite's load facts to its rows and withhold verdicts from noisy ones: a row
     is noisy for the suite's reasons or its own spread; a row compared against a noisy row of
     the same suite is judged noisy too."""
-    noisy_impl = {}
+    noisy_impl, noisy_name = {}, {}
     for r in rows:
-        reasons = list(facts["suite_noise"])
-        if r.get("spread") is not None and r["spread"] > MAX_SPREAD:
+        timed = r.get("spread") is not None
+        reasons = list(facts["suite_noise"]) if timed else []
+        if timed and r["spread"] > MAX_SPREAD:
             reasons.append(f"spread {100 * r['spread']:.0f}% > {100 * MAX_SPREAD:.0f}%")
         r.update({k: v for k, v in facts.items() if k != "suite_noise"})
         r["noisy"], r["noise"] = bool(reasons), "; ".join(reasons)
         noisy_impl[(r.get("name"), r.get("impl"))] = r["noisy"]
-    for r in rows:
-        ref_noisy = noisy_impl.get((r.get("name"), r.get("ref")), False)
+        noisy_name[r.get("name")] = noisy_name.get(r.get("name"), False) or r["noisy"]
+    for r in rows:  # the reference: same name, impl = ref (torch); else the row named ref (dense)
+        ref = r.get("ref")
+        ref_noisy = noisy_impl.get((r.get("name"), ref), noisy_name.get(ref, False))
         if ref_noisy and not r["noisy"]:
             r["noisy"], r["noise"] = True, f"reference {r['ref']} is noisy"
         if r["noisy"] and r.get("meets_target") is not None:

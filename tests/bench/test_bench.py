@@ -133,7 +133,9 @@ def test_routing_rows_carry_flop_ratios(micro):
     assert [r["name"] for r in rows] == ["dense", "dtf c0.125"]
     dense = rows[0]
     for r in rows[1:]:
-        assert r["ref"] == "dense" and isinstance(r["meets_target"], bool)
+        assert r["ref"] == "dense"
+        # a verdict unless this row or the dense reference is noisy (a loaded CI machine)
+        assert (r["meets_target"] is None) == (r["noisy"] or dense["noisy"])
         assert r["flop_ratio"] == pytest.approx(r["flops_per_token"] / dense["flops_per_token"])
         assert r["train_time_ratio"] == pytest.approx(r["step_ms"] / dense["step_ms"])
         assert r["forward_time_ratio"] == pytest.approx(r["forward_ms"] / dense["forward_ms"])

@@ -59,6 +59,22 @@ def test_a_loaded_machine_gets_no_verdict():
     assert "not judged: noisy" in jx["target"] and "load 3.20" in jx["noise"]
 
 
+def test_a_noisy_reference_row_of_another_name_withholds_the_verdict():
+    rows = [{"name": "dense", "impl": "jaxdyn", "spread": 0.3},
+            {"name": "dtf c0.5", "impl": "jaxdyn", "ref": "dense", "spread": 0.01,
+             "meets_target": True, "target": "t"}]
+    dense, dtf = protocol.judge(rows, QUIET)
+    assert dense["noisy"] and dtf["noisy"] and dtf["meets_target"] is None
+
+
+def test_load_cannot_void_a_verdict_that_is_not_about_time():
+    """Kernel parity or compiled memory: no spread, so a loaded machine keeps the verdict."""
+    loud = dict(QUIET, load_before=3.2, suite_noise=["load 3.20 > 1.5 before the suite"])
+    (row,) = protocol.judge([{"suite": "kernels", "name": "k", "impl": "blockwise",
+                              "meets_target": True}], loud)
+    assert row["meets_target"] is True and not row["noisy"] and row["load_before"] == 3.2
+
+
 def test_a_wide_spread_on_the_reference_withholds_the_verdict():
     rows = _rows()
     rows[1]["spread"] = 0.25
