@@ -43,9 +43,10 @@ from jaxdyn.data.tokenizer import load_tokenizer
 from jaxdyn.decode.generate import generate
 from jaxdyn.decode.sampling import SamplingConfig
 from jaxdyn.evaluate.perplexity import evaluate, load_corpus
+from jaxdyn.multitoken import mechanism as mech
 from jaxdyn.multitoken.cooccur import CooccurTables, build_tables, builtin_docs
 from jaxdyn.multitoken.decode import generate_multitoken, generate_verify
-from jaxdyn.multitoken.grid import DynamoOptions, blur, otsu_threshold
+from jaxdyn.multitoken.grid import DynamoOptions
 from jaxdyn.multitoken.heads import all_logits, dense_params_of, multitoken_model
 from jaxdyn.multitoken.objective import markov_corpus
 from jaxdyn.train import schema, train_and_evaluate
@@ -54,7 +55,7 @@ PRESETS = {
     # ~2-4 min on 2 CPU cores: GPT-NeoX D=64, L=4 over bytes.
     "tiny": dict(layers=4, dense_steps=800, mtp_steps=600, batch=16, seq_len=128,
                  lr_dense=3e-3, lr_base=3e-5, prompts=8, max_new=96, train_docs=390,
-                 mechanism=300),
+                 mechanism=1500),
     # Seconds: checks the harness end to end (numbers are not meaningful).
     "smoke": dict(layers=2, dense_steps=20, mtp_steps=20, batch=4, seq_len=32,
                   lr_dense=3e-3, lr_base=3e-5, prompts=2, max_new=16, train_docs=40,
@@ -194,21 +195,32 @@ def run(preset: str = "tiny", out_dir: str | None = None) -> list[dict]:
     return rows
 
 
-def mechanism(steps: int, V: int = 32, out_dir: str | None = None) -> list[dict]:
-    """The mechanism check (docs/features/multitoken.md) on a known first-order chain over V
-    tokens (2-3 successors per token), trained by the trainer (`mtp` objective from scratch,
-    3 heads, D=64 L=2) on the chain's documents written as a JSONL of id texts ("3 17 5 ...",
-    tokenizer kind `ids`) in `out_dir` (default: a temporary folder). The model therefore has
-    V + 2 logits (the chain's V ids, then EOS and pad); every check below uses the heads'
-    distributions renormalised over the first V ids.
+def mechanism(steps: int, V: int = 64, order: int = 2, out_dir: str | None = None,
+              n_docs: int = 1000, held_docs: int = 8) -> list[dict]:
+    """The mechanism check (docs/features/multitoken.md §8; maths in
+    `jaxdyn.multitoken.mechanism`) on a known Markov chain of `order` (default 2) over V tokens
+    (3 successors per context), trained by the trainer (`mtp` objective from scratch, 3 heads,
+    D=64 L=2) for `steps` on `n_docs` of the chain's documents written as a JSONL of id texts
+    ("3 17 5 ...", tokenizer kind `ids`) in `out_dir` (default: a temporary folder). The model
+    has V + 2 logits (the chain's V ids, then EOS and pad); the KL rows use the heads'
+    distributions renormalised over the first V ids. The co-occurrence tables count the same
+    documents over the V ids.
 
-    KL(true || estimate) of the joint of (x_{t+1}, x_{t+2}) on unseen documents for the
+    Rows: `mechanism-kl`, the mean over `held_docs` unseen documents (every position with an
+    order-sized context) of KL(true ‖ estimate) of the joint of (x_{t+1}, x_{t+2}) for the
     product of heads, with co-occurrence weighting, and with weighting + thresholds (ε_b = 0.5,
-    Otsu; floored at 1e-9); then tokens per forward and the share of generated transitions the
-    true chain allows, across ε_b (a transition into or out of EOS/pad counts as not allowed).
-    The co-occurrence tables count the chain's documents over its V ids only."""
-    docs, trans = markov_corpus(V, n_docs=300, branching=3, order=1, seed=0)
-    held = markov_corpus(V, n_docs=308, branching=3, order=1, seed=0)[0][300:]  # unseen docs
+    Otsu); `mechanism-ancestral`, ancestral samples from the true chain after the prompts (the
+    reference: match rate 1); `mechanism-dynamic`, DynaMo decoding (top-k 10, temperature 1, no
+    repetition penalty) across ε_b with the co-occurrence weighting (α_c = 1) and without it
+    (α_c = 0: no weighting, no mask), each with tokens per forward, match rate and mean true
+    log-probability of the matching tokens."""
+    if order not in (1, 2):
+        raise ValueError(f"mechanism check: order must be 1 or 2, got {order}")
+    all_docs, trans = markov_corpus(V, n_docs=n_docs + held_docs, branching=3, order=order,
+                                    seed=0)
+    docs, held = all_docs[:n_docs], all_docs[n_docs:]  # held: unseen by training and tables
+    info = {"suite": "multitoken", "chain_order": order, "chain_vocab": V, "train_docs": n_docs,
+            "steps": steps}
     rows = []
     with tempfile.TemporaryDirectory() as tdir:
         root = out_dir or os.path.join(tdir, "mechanism")
@@ -222,7 +234,7 @@ def mechanism(steps: int, V: int = 32, out_dir: str | None = None) -> list[dict]
             "train.objective": "mtp", "mtp.n_heads": N_HEADS, "model.num_layers": 2,
             "model.vocab_size": V + 2, "tokenizer.kind": "ids", "tokenizer.vocab_size": V,
             "data.source": source, "data.max_documents": 0, "data.val_fraction": 0.0,
-            "train.batch_size": 8, "train.seq_len": 32, "train.lr": 3e-3,
+            "train.batch_size": 16, "train.seq_len": 64, "train.lr": 3e-3,
             "train.lr_groups": (), "train.warmup_steps": max(1, steps // 100)}, steps)
         cfg, params, _ = load_model(workdir)
         if cfg.vocab_size != V + 2:
@@ -230,40 +242,38 @@ def mechanism(steps: int, V: int = 32, out_dir: str | None = None) -> list[dict]
         build_tables(docs, V, os.path.join(tdir, "cooccur"))
         tables = CooccurTables(os.path.join(tdir, "cooccur"))
         rho = tables.grid_ratio(np.stack([np.arange(V)] * 2))
-        kl = {"product": [], "cooccur": [], "cooccur+thresholds": []}
+        kl: dict[str, list[float]] = {k: [] for k in mech.ESTIMATES}
         model = multitoken_model(cfg, N_HEADS)
         heads12 = jax.jit(lambda p, x: jax.nn.softmax(  # heads 1, 2 over the chain's V ids
             all_logits(model.apply({"params": p}, x))[:2, 0, :, :V], -1))
         for d in held:
             x = np.asarray(d[:64])[None]
             probs = np.asarray(heads12(params, x), np.float64)  # [2, T, V]
-            for t in range(x.shape[1]):
-                true = trans[x[0, t]][:, None] * trans  # P(a, b | x_t)
-                prod = probs[0, t][:, None] * probs[1, t][None, :]
-                co = prod * rho
-                co = co / co.sum() if co.sum() > 0 else prod
-                keep = co > 0.5
-                sm = blur(co * keep)
-                keep &= co > (otsu_threshold(sm[sm > 0]) if keep.any() else 0.0)
-                thr = co * keep / (co * keep).sum() if keep.any() else co
-                for name, est in (("product", prod), ("cooccur", co),
-                                  ("cooccur+thresholds", thr)):
-                    nz = true > 0
-                    kl[name].append(float(np.sum(true[nz] * np.log(
-                        true[nz] / np.maximum(est[nz], 1e-9)))))
-        rows.append({"suite": "multitoken", "mode": "mechanism-kl",
+            for t in range(order - 1, x.shape[1]):
+                true = mech.true_joint(trans, x[0, :t + 1])
+                for name, est in mech.joint_estimates(probs[0, t], probs[1, t], rho).items():
+                    kl[name].append(mech.kl_divergence(true, est))
+        rows.append({**info, "mode": "mechanism-kl", "positions": len(kl["product"]),
                      **{f"kl_{k}": round(float(np.mean(v)), 4) for k, v in kl.items()}})
-        prompts = [[int(t) for t in d[:8]] for d in held[:4]]
-        for eps in EPS:
-            res = generate_multitoken(cfg, params, tables, prompts, 64,
-                                      DynamoOptions(threshold=eps, top_k=10))
-            seqs = [p + t for p, t in zip(prompts, res.tokens, strict=True)]
-            valid = np.mean([a < V and b < V and trans[a, b] > 0 for s in seqs
-                             for a, b in zip(s[:-1], s[1:], strict=True)])
-            rows.append({"suite": "multitoken", "mode": "mechanism-dynamic", "eps_b": eps,
-                         "tokens_per_forward": round(res.tokens_per_forward, 3),
-                         "valid_transition_rate": round(float(valid), 4)})
+        prompts = [[int(t) for t in d[:8]] for d in held]
+        n_new = 64
+        rng = np.random.default_rng(1)
+        anc = [mech.ancestral(trans, q, n_new, rng) for q in prompts]
+        rows.append({**info, "mode": "mechanism-ancestral", "tokens_per_forward": 1.0,
+                     **_rounded(mech.match_stats(trans, prompts, anc))})
+        for weighting, alpha_c in (("cooccur", 1.0), ("none", 0.0)):
+            for eps in EPS:
+                opts = DynamoOptions(threshold=eps, top_k=10, temperature=1.0,
+                                     repetition_penalty=1.0, alpha_c=alpha_c)
+                res = generate_multitoken(cfg, params, tables, prompts, n_new, opts)
+                rows.append({**info, "mode": "mechanism-dynamic", "weighting": weighting,
+                             "eps_b": eps, "tokens_per_forward": round(res.tokens_per_forward, 3),
+                             **_rounded(mech.match_stats(trans, prompts, res.tokens))})
     return rows
+
+
+def _rounded(stats: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}
 
 
 @dataclasses.dataclass
@@ -336,7 +346,9 @@ def suite(preset: str, ctx: dict) -> list[dict]:
     rows = []
     for r in run(own, ctx.get("multitoken_dir")):
         name = r.get("mode", "?")
-        if "eps_b" in r:
+        if "weighting" in r:
+            name += f" eps={r['eps_b']} weighting={r['weighting']}"
+        elif "eps_b" in r:
             name += f" eps={r['eps_b']} top_k={r.get('top_k')}"
         rows.append({"suite": "multitoken", "name": name, "impl": "jaxdyn",
                      "tokens_per_s": r.get("tokens_per_sec"), "ratio": r.get("speedup"),

@@ -195,12 +195,18 @@ def test_multitoken_suite_trains_through_the_trainer(fast_compile, monkeypatch, 
     (kl,) = [r for r in rows if r["mode"] == "mechanism-kl"]
     assert all(math.isfinite(kl[k]) and kl[k] >= 0 for k in
                ("kl_product", "kl_cooccur", "kl_cooccur+thresholds"))
+    assert (kl["chain_order"], kl["chain_vocab"]) == (2, 64)  # the spec's second-order chain
     mech = [r for r in rows if r["mode"] == "mechanism-dynamic"]
-    assert [r["eps_b"] for r in mech] == list(multitoken.EPS)
-    assert all(0.0 <= r["valid_transition_rate"] <= 1.0 for r in mech)
+    assert [(r["weighting"], r["eps_b"]) for r in mech] == \
+        [(w, e) for w in ("cooccur", "none") for e in multitoken.EPS]
+    assert all(0.0 <= r["match_rate"] <= 1.0 and 1.0 <= r["tokens_per_forward"] <= 3.0
+               for r in mech)
+    (anc,) = [r for r in rows if r["mode"] == "mechanism-ancestral"]
+    assert anc["match_rate"] == 1.0  # the true chain always matches itself
+    assert len({r["name"] for r in rows}) == len(rows)
     ids_cfg = json.loads((tmp_path / "mechanism" / "run" / "config.json").read_text())
-    assert ids_cfg["tokenizer"] == {"kind": "ids", "vocab_size": 32}
-    assert ids_cfg["model"]["vocab_size"] == 34  # 32 chain ids, EOS, pad
+    assert ids_cfg["tokenizer"] == {"kind": "ids", "vocab_size": 64}
+    assert ids_cfg["model"]["vocab_size"] == 66  # 64 chain ids, EOS, pad
     saved = json.loads((tmp_path / "multitoken.json").read_text())
     assert [r["mode"] for r in saved] == [r["mode"] for r in rows]
     assert (tmp_path / "multitoken_eps.png").stat().st_size > 0
