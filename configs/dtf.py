@@ -13,6 +13,9 @@ from configs.presets import base_config
 
 PRESETS = ("tiny", "small", "c0.125", "qwen2.5-0.5b")
 GATE_SCALARS = "/(beta_ce|beta_cu|o_ce|m_cu)$"
+# Thesis learning rates relative to the base 1e-5: PriorFFN and its norm 1e-3, gate scalars
+# 1e-2, causal routers 1e-3 (first matching rule wins; every other parameter x1).
+THESIS_LR_GROUPS = (("prior", 100.0), (GATE_SCALARS, 1000.0), ("predictor/", 100.0))
 
 
 def get_config(preset: str = "tiny"):
@@ -29,8 +32,6 @@ def get_config(preset: str = "tiny"):
     # β, o_ce and m_cu are gate scalars: never decayed.
     c.train.no_decay = (*c.train.no_decay, GATE_SCALARS)
     if preset == "qwen2.5-0.5b":
-        # Thesis learning rates relative to the base 1e-5: PriorFFN and its norm 1e-3, gate
-        # scalars 1e-2, causal routers 1e-3.
-        c.train.lr_groups = (("prior", 100.0), (GATE_SCALARS, 1000.0), ("predictor/", 100.0))
+        c.train.lr_groups = THESIS_LR_GROUPS
         c.train.clip_norm = 0.0
     return c

@@ -11,6 +11,9 @@ small shapes) and `qwen2.5-0.5b` (transfer from an imported dense checkpoint, th
 from configs.presets import base_config
 
 PRESETS = ("tiny", "small", "c0.125", "qwen2.5-0.5b")
+# Thesis learning rates relative to the base 1e-5: router 1e-5, causal predictors 1e-3
+# (first matching rule wins; every other parameter x1).
+THESIS_LR_GROUPS = (("router/w", 1.0), ("predictor/", 100.0))
 
 
 def get_config(preset: str = "tiny"):
@@ -25,7 +28,6 @@ def get_config(preset: str = "tiny"):
     # Router and causal predictor are new parameters: no weight decay on the router vector.
     c.train.no_decay = (*c.train.no_decay, "router/w")
     if preset == "qwen2.5-0.5b":
-        # Thesis learning rates relative to the base 1e-5: router 1e-5, causal predictors 1e-3.
-        c.train.lr_groups = (("router/w", 1.0), ("predictor/", 100.0))
+        c.train.lr_groups = THESIS_LR_GROUPS
         c.train.clip_norm = 0.0  # the thesis used no clipping
     return c

@@ -2,6 +2,7 @@
 
     python -m jaxdyn.experiments compare --preset cpu --out runs/compare
     python -m jaxdyn.experiments temporal --config configs/temporal.py:mini --out runs/tx
+    python -m jaxdyn.experiments transfer --config configs/transfer.py:cpu --out runs/transfer
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 from collections.abc import Sequence
 
 from jaxdyn.cli.train import split_overrides
-from jaxdyn.experiments import compare, temporal
+from jaxdyn.experiments import compare, temporal, transfer
 from jaxdyn.train import schema
 
 
@@ -27,6 +28,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     tx.add_argument("--config", default="configs/temporal.py:mini",
                     help="configs/temporal.py[:preset]")
     tx.add_argument("--out", required=True)
+    tr = sub.add_parser("transfer", help="dense -> MoD/DTF transfer vs from scratch, seeds")
+    tr.add_argument("--config", default="configs/transfer.py:cpu",
+                    help="configs/transfer.py[:preset]")
+    tr.add_argument("--out", required=True)
     args, rest = ap.parse_known_args(argv)
     overrides = split_overrides(ap, rest)
     if args.command == "compare":
@@ -34,5 +39,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.makedirs(args.out, exist_ok=True)
         print(compare.write_results(compare.run_all(args.preset, args.out, overrides),
                                     args.out))
+    elif args.command == "transfer":
+        transfer.run_study(schema.load(args.config, overrides), args.out)
+        print(open(os.path.join(args.out, "results.md")).read())
     else:
         temporal.run_experiment(schema.load(args.config, overrides), args.out)

@@ -173,7 +173,7 @@ def _train(cfg: mlc.ConfigDict, workdir: str, mesh) -> dict[str, float]:
             while done < stop:
                 batch = stack_batches(it, t.grad_accum, mesh)
                 if done == 0:
-                    log_transfer(writer, cfg, eval_fn, state.params, batch, main)
+                    log_transfer(writer, cfg, eval_fn, state.params, batch, main, mesh)
                 with jax.transfer_guard("disallow" if cfg.debug.transfer_guard else "allow"):
                     state, m = step_fn(state, batch)
                 done += 1
@@ -230,13 +230,15 @@ def _train(cfg: mlc.ConfigDict, workdir: str, mesh) -> dict[str, float]:
 
 
 def log_transfer(writer: MetricsWriter, cfg: mlc.ConfigDict, eval_fn, tree, batch: dict,
-                 main: bool) -> None:
+                 main: bool, mesh: jax.sharding.Mesh) -> None:
     """Dense → routed transfer: the dense source's and the fresh routed model's LM loss on the
     first training micro-batch, as a `transfer` row at step 0 (nothing for other runs)."""
     src = dense_transfer_source(cfg)
     if src is None:
         return
     icfg, dense = src
+    # Replicated over the run's mesh (the checkpoint was read onto one device).
+    dense = jax.device_put(dense, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     first = jax.tree.map(lambda a: a[0], batch)  # [grad_accum, b, T] -> [b, T]
     lm = LanguageModel(cfg, icfg)
     dense_nll = jax.jit(lambda p, b: lm.loss(lm.model(), {"params": p}, b,
