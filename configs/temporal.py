@@ -32,7 +32,10 @@ def get_config(preset: str = "tiny") -> mlc.ConfigDict:
                          f"{PRESETS}")
     c = base_config(preset, "temporal", "synth", "shapes", "temporal_loss")
     c.train.objective = "temporal"
-    c.tokenizer.kind = "tcg_syllable"  # jaxdyn/temporal/tokenizer.py (V = 1664)
+    # From scratch: the syllable tokenizer (jaxdyn/temporal/tokenizer.py, V = 1664). On an
+    # imported backbone: the tokenizer stored with init.checkpoint (any other is refused).
+    c.tokenizer.kind = _pick(preset, tiny="tcg_syllable", mini="tcg_syllable",
+                             qwen2_5_0_5b="checkpoint")
     c.model.max_position_embeddings = _pick(preset, tiny=128, mini=128, qwen2_5_0_5b=32768)
     # ----- the temporal pathway (spec widths at 0.5B) -----
     c.temporal.update(
@@ -55,7 +58,9 @@ def get_config(preset: str = "tiny") -> mlc.ConfigDict:
         n_max=_pick(preset, tiny=24, mini=32, qwen2_5_0_5b=64),
         e_max=_pick(preset, tiny=64, mini=96, qwen2_5_0_5b=256))
     # ----- static batch shapes (one compile per preset) -----
-    c.shapes.update(seq_len=_pick(preset, tiny=64, mini=56, qwen2_5_0_5b=256), ans_len=6,
+    # (answers take more BPE tokens than syllables: " Vornex\n" is 3 syllable ids)
+    c.shapes.update(seq_len=_pick(preset, tiny=64, mini=56, qwen2_5_0_5b=256),
+                    ans_len=_pick(preset, tiny=6, mini=6, qwen2_5_0_5b=12),
                     n_max=c.synth.n_max, e_max=c.synth.e_max,
                     name_len=_pick(preset, tiny=4, mini=4, qwen2_5_0_5b=12))
     # ----- adapter training: only temporal/… trains (the objective's default) -----
@@ -74,7 +79,7 @@ def get_config(preset: str = "tiny") -> mlc.ConfigDict:
     c.checkpoint.every = c.train.steps
     c.sample.max_new_tokens = 6  # the answer to the first validation record
     if preset == "qwen2.5-0.5b":
-        c.init.checkpoint = ""  # set to an imported Qwen2.5-0.5B folder
+        c.init.checkpoint = ""  # set to an imported Qwen2.5-0.5B folder (with its tokenizer)
     # ----- the study (jaxdyn.experiments temporal): runs compared on one frozen backbone ----
     c.experiment = mlc.ConfigDict(dict(
         # base (frozen, no adapters), full, ablations, date_in_prompt (+ LoRA on q, v); also

@@ -27,6 +27,7 @@ import ml_collections as mlc
 import numpy as np
 
 from jaxdyn.checkpoint import load_model
+from jaxdyn.data.tokenizer import Tokenizer
 from jaxdyn.model import ModelConfig, build
 from jaxdyn.model.lora import init_lora
 from jaxdyn.temporal import adapters as tm
@@ -35,6 +36,7 @@ from jaxdyn.temporal.batching import Shapes, load_split
 from jaxdyn.temporal.encoders import TemporalConfig
 from jaxdyn.temporal.objective import TemporalLossConfig
 from jaxdyn.temporal.synth import SPLITS, SynthConfig, generate, write
+from jaxdyn.temporal.tokens import configured_tokenizer
 from jaxdyn.train import schema
 from jaxdyn.train.loop import train_and_evaluate
 
@@ -154,6 +156,7 @@ def run_experiment(cfg: mlc.ConfigDict, out: str, log=print) -> dict:
         raise ValueError("experiment.pretrain_steps=0 needs --config.init.checkpoint=DIR (a "
                          "dense import or training workdir) as the frozen backbone")
     mcfg, backbone, _ = load_model(backbone_dir)
+    tok = configured_tokenizer(cfg.tokenizer.kind, backbone_dir)  # the one every run trains on
     frac = fraction_at_05b()
     log(f"trainable fraction at Qwen2.5-0.5B: {frac['trainable']:,} / {frac['backbone']:,} = "
         f"{100 * frac['fraction']:.4f} %")
@@ -177,7 +180,7 @@ def run_experiment(cfg: mlc.ConfigDict, out: str, log=print) -> dict:
                 int(np.prod(x.shape)) for x in jax.tree.leaves(params.get("temporal", {})))
             if name == study.save_checkpoint:
                 results["checkpoint"] = workdir
-        res = evaluate_run(forward_of(mcfg, tcfg), params, data, sh, lc, study.eval_batch)
+        res = evaluate_run(forward_of(mcfg, tcfg), params, data, sh, lc, study.eval_batch, tok)
         res.update(seconds=round(time.time() - t0, 1), trainable=n_t, frozen=n_backbone)
         results["runs"][name] = res
         log(f"[{name}] " + " ".join(f"{s}={res['splits'][s]['all']['rank']:.3f}"
@@ -197,8 +200,9 @@ def lora_size(backbone: dict, rcfg: mlc.ConfigDict) -> int:
 
 
 def evaluate_run(forward, params, data, sh: Shapes, lc: TemporalLossConfig,
-                 eval_batch: int) -> dict:
-    """Ranking / EM per split, by year, drift, graph sensitivity and regime JS of one run."""
+                 eval_batch: int, tok: Tokenizer | None = None) -> dict:
+    """Ranking / EM per split, by year, drift, graph sensitivity and regime JS of one run;
+    text is encoded by `tok` (None: the syllable tokenizer)."""
     use_time, use_graph = lc.adapted and lc.use_time, lc.adapted and lc.use_graph
     dip = lc.date_in_prompt
     res = {"splits": {}}
@@ -207,7 +211,7 @@ def evaluate_run(forward, params, data, sh: Shapes, lc: TemporalLossConfig,
         if s == "train":
             continue
         sc = ev.score_records(forward, params, data[s], sh, use_time, use_graph, dip,
-                              eval_batch)
+                              eval_batch, tok)
         res["splits"][s] = ev.summarise(data[s], sc)
         if s in ("test_id", "validation", "test_future"):
             timeline_recs += data[s]
@@ -217,5 +221,5 @@ def evaluate_run(forward, params, data, sh: Shapes, lc: TemporalLossConfig,
     res.update(ev.drift(res["by_year"]))
     res["graph_sensitivity"] = res["splits"]["test_edited_graph"]["all"]["rank"]
     res.update(ev.regime_js(forward, params, data["test_id"], sh, use_time, use_graph, dip,
-                            eval_batch))
+                            eval_batch, tok=tok))
     return res

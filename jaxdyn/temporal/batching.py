@@ -1,7 +1,8 @@
 """TCG-Synth records as static-shape batches: prompts, answers and fixed-layout graphs.
 
-Records (docs/features/temporal.md) are tokenised as "Question: … Answer: <answer>\\n" (syllable
-tokens, byte fallback) and batched with their graphs into fixed-layout padded
+Records (docs/features/temporal.md) are tokenised as "Question: … Answer: <answer>\\n" by the
+run's tokenizer (`tok`: the syllable one by default, an imported backbone's own otherwise;
+`jaxdyn.temporal.tokens`) and batched with their graphs into fixed-layout padded
 `jraph.GraphsTuple`s (static N_max, E_max: one compile). `RecordIterator` serves the rows of a
 process in a fresh order per epoch, resumably; `pretrain_arrays` / `renamed_text` make the
 plain-text batches a backbone is pretrained on.
@@ -19,9 +20,10 @@ import datasets
 import jraph
 import numpy as np
 
+from jaxdyn.data.tokenizer import Tokenizer
 from jaxdyn.temporal.encoders import OPEN_END, years_to_tau
 from jaxdyn.temporal.synth import features
-from jaxdyn.temporal.tokenizer import tokenizer
+from jaxdyn.temporal.tokens import resolve
 from jaxdyn.temporal.world import RELS, TYPES, make_names, t_years
 
 PAD = 0
@@ -39,9 +41,9 @@ def answer_text(answer: str) -> str:
     return f" {answer}\n"
 
 
-def tokenize(text: str) -> list[int]:
-    """TCG-Synth's syllable tokenizer (`jaxdyn.temporal.tokenizer`), bytes for the rest."""
-    return tokenizer().encode(text)
+def tokenize(text: str, tok: Tokenizer | None = None) -> list[int]:
+    """Ids of `text` by `tok` (no special tokens); None: the syllable tokenizer."""
+    return resolve(tok).encode(text)
 
 
 def load_split(path: str, cache_dir: str | None = None) -> list[dict]:
@@ -89,8 +91,10 @@ def empty_graph_arrays(n: int, sh: Shapes) -> dict[str, np.ndarray]:
 
 
 def fill_graph(out: dict, i: int, graph: dict, query_nodes: list[str], date: str,
-               sh: Shapes) -> None:
-    """Write one record graph (record schema) into row i of the padded arrays."""
+               sh: Shapes, tok: Tokenizer | None = None) -> None:
+    """Write one record graph (record schema) into row i of the padded arrays; node names
+    are " <name>" encoded by `tok` (None: the syllable tokenizer), cut to `name_len`."""
+    tok = resolve(tok)
     nodes, edges = graph["nodes"], graph["edges"]
     if len(nodes) > sh.n_max or len(edges) > sh.e_max:
         raise ValueError(f"graph with {len(nodes)} nodes / {len(edges)} edges exceeds "
@@ -99,7 +103,7 @@ def fill_graph(out: dict, i: int, graph: dict, query_nodes: list[str], date: str
     slot = {nd["id"]: k for k, nd in enumerate(nodes)}
     role = {q: (1 if j == 0 else 2) for j, q in enumerate(query_nodes)}
     for k, nd in enumerate(nodes):
-        b = tokenize(" " + nd["name"])[:sh.name_len]
+        b = tok.encode(" " + nd["name"])[:sh.name_len]
         out["n_tokens"][i, k, :len(b)] = b
         out["n_tok_mask"][i, k, :len(b)] = 1
         out["n_type"][i, k] = TYPES.index(nd["type"])
@@ -114,17 +118,20 @@ def fill_graph(out: dict, i: int, graph: dict, query_nodes: list[str], date: str
 
 
 def encode(recs: list[dict], sh: Shapes, date_in_prompt: bool = False,
-           answers: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Numpy arrays per example; `answers` overrides each record's answer (candidate scoring)."""
-    n = len(recs)
+           answers: list[str] | None = None,
+           tok: Tokenizer | None = None) -> dict[str, np.ndarray]:
+    """Numpy arrays per example; `answers` overrides each record's answer (candidate scoring).
+    Prompt and answer are encoded apart by `tok` (None: the syllable tokenizer) and joined,
+    so the answer's ids are the same whatever precedes them."""
+    tok, n = resolve(tok), len(recs)
     out = {"tokens": np.zeros((n, sh.seq_len), np.int32),
            "ans_pos": np.zeros((n, sh.ans_len), np.int32),
            "ans_tok": np.zeros((n, sh.ans_len), np.int32),
            "ans_mask": np.zeros((n, sh.ans_len), np.float32),
            "regime": np.zeros((n, 2), np.float32), **empty_graph_arrays(n, sh)}
     for i, r in enumerate(recs):
-        p = tokenize(prompt_text(r, date_in_prompt))
-        a = tokenize(answer_text(r["answer"] if answers is None else answers[i]))
+        p = tok.encode(prompt_text(r, date_in_prompt))
+        a = tok.encode(answer_text(r["answer"] if answers is None else answers[i]))
         if len(p) + len(a) > sh.seq_len or len(a) > sh.ans_len:
             raise ValueError(f"record {r['id']}: {len(p)}+{len(a)} tokens exceed seq_len="
                              f"{sh.seq_len} or ans_len={sh.ans_len}; raise the preset's Shapes")
@@ -133,7 +140,7 @@ def encode(recs: list[dict], sh: Shapes, date_in_prompt: bool = False,
         out["ans_tok"][i, :len(a)] = a
         out["ans_mask"][i, :len(a)] = 1
         out["regime"][i] = [_tau(r["regime"][0]), _tau(r["regime"][1])]
-        fill_graph(out, i, r["graph"], r["query_nodes"], r["time"], sh)
+        fill_graph(out, i, r["graph"], r["query_nodes"], r["time"], sh, tok)
     return out
 
 
@@ -174,14 +181,17 @@ def renamed_text(rec: dict, rng: np.random.Generator) -> tuple[str, str]:
     return sub(prompt_text(rec)), sub(answer_text(rec["answer"]))
 
 
-def pretrain_arrays(pairs: list[tuple[str, str]], seq_len: int,
-                    prompt_weight: float) -> dict[str, np.ndarray]:
+def pretrain_arrays(pairs: list[tuple[str, str]], seq_len: int, prompt_weight: float,
+                    tok: Tokenizer | None = None) -> dict[str, np.ndarray]:
     """`tokens` [n, T] and `weights` [n, T]: the loss weight of the target token t (predicted
-    at t-1): 1 for answer tokens, `prompt_weight` for prompt tokens, 0 for padding and t = 0."""
+    at t-1): 1 for answer tokens, `prompt_weight` for prompt tokens, 0 for padding and t = 0.
+    Prompt and answer are encoded apart by `tok` and joined, as `encode` does."""
+    tok = resolve(tok)
     toks = np.zeros((len(pairs), seq_len), np.int32)
     wts = np.zeros((len(pairs), seq_len), np.float32)
     for i, (prompt, answer) in enumerate(pairs):
-        n_p, b = len(tokenize(prompt)), tokenize(prompt + answer)[:seq_len]
+        p = tok.encode(prompt)
+        n_p, b = len(p), (p + tok.encode(answer))[:seq_len]
         toks[i, :len(b)] = b
         wts[i, 1:len(b)] = prompt_weight
         wts[i, n_p:len(b)] = 1.0

@@ -9,9 +9,10 @@
                                 graph_json)
 
 A temporal checkpoint is a training workdir of the `temporal` objective (its `config.json`
-holds the `temporal` and `shapes` blocks) or a model folder (`model_config.json` + `params/`)
-with `temporal_config.json` (`TemporalConfig`, batch `Shapes`, tokenizer name), written by
-`save_temporal`. The
+holds the `temporal` and `shapes` blocks; its tokenizer is the one it saved in `tokenizer/`) or
+a model folder (`model_config.json` + `params/`) with `temporal_config.json` (`TemporalConfig`,
+batch `Shapes`, the tokenizer's kind and fingerprint) and that tokenizer's files, written by
+`save_temporal`. Prompt, node names and output go through the checkpoint's tokenizer. The
 graph file uses the record schema's graph (`{"nodes": [...], "edges": [...]}`), optionally with
 `"query_nodes"` (subject first), or is a whole TCG-Synth record. Decoding is greedy and
 recomputes the padded [1, T] window per token (static shapes, one compile): the temporal
@@ -32,14 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdyn.checkpoint import load_model, save_params
+from jaxdyn.data.tokenizer import FIXED, Tokenizer, TokenizerNotFoundError, load_tokenizer
 from jaxdyn.model import ModelConfig
 from jaxdyn.temporal import adapters as tm
-from jaxdyn.temporal.batching import Shapes, empty_graph_arrays, fill_graph, make_graph, tokenize
-from jaxdyn.temporal.tokenizer import tokenizer
+from jaxdyn.temporal.batching import Shapes, empty_graph_arrays, fill_graph, make_graph
+from jaxdyn.temporal.tokens import TokenizerMismatchError, check_vocab, resolve
 from jaxdyn.temporal.world import t_years
 
 TEMPORAL_JSON = "temporal_config.json"
-TOKENIZER = "tcg_syllable"  # jaxdyn.temporal.tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,17 +49,22 @@ class TemporalModel:
     tcfg: tm.TemporalConfig
     shapes: Shapes
     params: Any
+    tok: Tokenizer = dataclasses.field(default_factory=resolve)  # prompts, names, output
 
 
 def save_temporal(path: str, cfg: ModelConfig, tcfg: tm.TemporalConfig, shapes: Shapes,
-                  params) -> None:
+                  params, tok: Tokenizer | None = None) -> None:
     """Write a model folder (`model_config.json` + `params/`, as `conversion import` does)
-    with the `temporal_config.json` that makes it a temporal checkpoint."""
+    with the tokenizer the model was trained with (`tok`; None: the syllable one) and the
+    `temporal_config.json` that makes it a temporal checkpoint."""
+    tok = resolve(tok)
+    check_vocab(tok, cfg.vocab_size, "the model")
     os.makedirs(path, exist_ok=True)
     save_params(os.path.join(path, "params"), jax.device_get(params))
     cfg.save(os.path.join(path, "model_config.json"))
+    tok.save(path)
     meta = {"temporal": dataclasses.asdict(tcfg), "shapes": dataclasses.asdict(shapes),
-            "tokenizer": TOKENIZER}
+            "tokenizer": tok.kind, "tokenizer_fingerprint": tok.fingerprint()}
     tmp = os.path.join(path, TEMPORAL_JSON + ".tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=2)
@@ -82,8 +88,30 @@ def _run_config(path: str) -> dict:
         return {}
 
 
+def _saved_tokenizer(path: str, kind: str | None, fingerprint: str | None) -> Tokenizer:
+    """The tokenizer stored with the checkpoint, checked against the recorded `kind` (None:
+    any) and `fingerprint`. A fixed kind without a fingerprint (folders and workdirs from
+    before tokenizers were recorded) needs no stored files."""
+    try:
+        tok = load_tokenizer(path)
+    except TokenizerNotFoundError as e:
+        if kind in FIXED and not fingerprint:
+            return FIXED[kind]()
+        raise TokenizerMismatchError(f"temporal checkpoint {path!r} was trained with a "
+                                     f"{kind or 'checkpoint'!r} tokenizer that is not stored "
+                                     f"with it ({e}); copy its tokenizer files there") from e
+    if (kind is not None and tok.kind != kind) or (fingerprint and
+                                                   tok.fingerprint() != fingerprint):
+        raise TokenizerMismatchError(
+            f"temporal checkpoint {path!r} records a {kind!r} tokenizer (fingerprint "
+            f"{fingerprint}) but holds a {tok.kind!r} one (fingerprint {tok.fingerprint()}); "
+            "put back the tokenizer it was trained with")
+    return tok
+
+
 def load_temporal(path: str) -> TemporalModel:
-    """Read a temporal checkpoint (see the module doc; a clear error for anything else)."""
+    """Read a temporal checkpoint with its tokenizer (see the module doc; a clear error for
+    anything else)."""
     if not is_temporal_checkpoint(path):
         raise FileNotFoundError(f"{path!r} is not a temporal checkpoint: --time/--graph need a "
                                 "workdir trained with configs/temporal.py or a folder with "
@@ -91,15 +119,20 @@ def load_temporal(path: str) -> TemporalModel:
     if os.path.exists(os.path.join(path, TEMPORAL_JSON)):
         with open(os.path.join(path, TEMPORAL_JSON)) as f:
             meta = json.load(f)
-        if meta.get("tokenizer") != TOKENIZER:
-            raise ValueError(f"unsupported tokenizer {meta.get('tokenizer')!r} in {path}")
+        if not isinstance(meta.get("tokenizer"), str):
+            raise TokenizerMismatchError(f"{path}/{TEMPORAL_JSON} names no tokenizer")
+        kind, fp = meta["tokenizer"], meta.get("tokenizer_fingerprint")
+        tok = FIXED[kind]() if kind in FIXED and not fp else _saved_tokenizer(path, kind, fp)
         tblock, sblock = meta["temporal"], meta["shapes"]
     else:
         run = _run_config(path)
         tblock, sblock = run["temporal"], run["shapes"]
+        kind = run.get("tokenizer", {}).get("kind")
+        tok = _saved_tokenizer(path, kind if kind in FIXED else None, None)
     cfg, params, _ = load_model(path)
+    check_vocab(tok, cfg.vocab_size, f"the model in {path!r}")
     tblock = {**tblock, "adapter_layers": tuple(tblock.get("adapter_layers") or ())}
-    return TemporalModel(cfg, tm.TemporalConfig(**tblock), Shapes(**sblock), params)
+    return TemporalModel(cfg, tm.TemporalConfig(**tblock), Shapes(**sblock), params, tok)
 
 
 def parse_date(date: str) -> str:
@@ -160,9 +193,10 @@ def generate_conditioned(model: TemporalModel, prompt: str, time: str | None = N
     date = "2020-01-01" if time is None else parse_date(time)
     if graph is not None:
         g, query = read_graph(graph)
-        fill_graph(arr, 0, g, query if query is not None else infer_query(g, prompt), date, sh)
+        fill_graph(arr, 0, g, query if query is not None else infer_query(g, prompt), date, sh,
+                   model.tok)
     tau = np.asarray([tm.years_to_tau(t_years(date))], np.float32)
-    ids = tokenize(prompt)
+    ids = model.tok.encode(prompt)
     T = min(sh.seq_len, model.cfg.max_position_embeddings)
     if not ids or len(ids) >= T:
         raise ValueError(f"prompt has {len(ids)} tokens; give 1..{T - 1}")
@@ -176,7 +210,7 @@ def generate_conditioned(model: TemporalModel, prompt: str, time: str | None = N
         new.append(tok)
         buf[0, n] = tok
         n += 1
-        text = tokenizer().decode(new)
+        text = model.tok.decode(new)
         if stop and stop in text:
             return text[:text.index(stop)]
-    return tokenizer().decode(new)
+    return model.tok.decode(new)

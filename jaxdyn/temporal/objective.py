@@ -11,7 +11,9 @@
   anew every epoch; prompt tokens weigh `prompt_weight`, answer tokens 1.
 
 Records come from `synth` (generated in memory, or read from `synth.data_dir`); batches have
-the static `shapes`.
+the static `shapes`. Text goes through the trainer's tokenizer (`tokenizer.kind`: the syllable
+one from scratch, "checkpoint" on an imported backbone); a tokenizer the backbone in
+`init.checkpoint` cannot read is refused when the objective is built (`jaxdyn.temporal.tokens`).
 
 Dimension legend: B batch, T length, A answer slots, V vocab, D width.
 """
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
+from jaxdyn.data.tokenizer import Tokenizer
 from jaxdyn.model import ModelConfig, build
 from jaxdyn.model.loss import chunked_cross_entropy
 from jaxdyn.temporal import adapters as tm
@@ -46,6 +49,7 @@ from jaxdyn.temporal.batching import (
 from jaxdyn.temporal.encoders import TemporalConfig
 from jaxdyn.temporal.generate import TemporalModel, generate_conditioned
 from jaxdyn.temporal.synth import SPLITS, SynthConfig, generate
+from jaxdyn.temporal.tokens import check_backbone_tokenizer, check_vocab, configured_tokenizer
 
 STAGES = ("adapters", "backbone")
 REG_MODES = ("within", "all_pairs", "none")
@@ -125,6 +129,15 @@ class TemporalObjective:
                                     for k, v in cfg.synth.items()})
         self.trainable = ("^temporal/",) if self.lc.stage == "adapters" else ()
         self._records = None
+        # refused here, before the trainer loads or compiles anything
+        self._tok = check_backbone_tokenizer(cfg.tokenizer.kind, cfg.init.checkpoint)
+
+    @property
+    def tok(self) -> Tokenizer:
+        """The tokenizer of prompts, answers and node names (the trainer's, once `data`)."""
+        if self._tok is None:
+            self._tok = configured_tokenizer(self.cfg.tokenizer.kind, self.cfg.init.checkpoint)
+        return self._tok
 
     def model(self, routing_mode: str = "topk"):
         if self.lc.adapted:
@@ -194,13 +207,15 @@ class TemporalObjective:
         """The arrays of a stage: encoded records (adapters) or weighted texts (backbone)."""
         lc, sh = self.lc, self.shapes
         if lc.stage == "adapters":
-            return encode(recs, sh, date_in_prompt=lc.date_in_prompt)
+            return encode(recs, sh, date_in_prompt=lc.date_in_prompt, tok=self.tok)
         rng = np.random.default_rng(rename_seed)
         pairs = [renamed_text(r, rng) if rename_seed is not None and rng.random() < lc.rename
                  else (prompt_text(r), answer_text(r["answer"])) for r in recs]
-        return pretrain_arrays(pairs, sh.seq_len, lc.prompt_weight)
+        return pretrain_arrays(pairs, sh.seq_len, lc.prompt_weight, self.tok)
 
-    def data(self, tok, rows: int, process_index: int, process_count: int):
+    def data(self, tok: Tokenizer, rows: int, process_index: int, process_count: int):
+        check_vocab(tok, self.mcfg.vocab_size, "the configured model")
+        self._tok = tok
         recs = self.records()
         seed = self.cfg.train.seed
         if self.lc.stage == "adapters":
@@ -215,12 +230,12 @@ class TemporalObjective:
                               process_index, process_count)
         return it, evals
 
-    def sample(self, params: dict, tok) -> str | None:
+    def sample(self, params: dict, tok: Tokenizer) -> str | None:
         """The greedy answer to the first validation record at its date and graph."""
         if self.cfg.sample.max_new_tokens < 1 or self.lc.stage != "adapters":
             return None
         rec = self.records()["validation"][0]
-        model = TemporalModel(self.mcfg, self.tcfg, self.shapes, params)
+        model = TemporalModel(self.mcfg, self.tcfg, self.shapes, params, tok)
         prompt = prompt_text(rec, self.lc.date_in_prompt)
         use = self.lc.adapted
         out = generate_conditioned(model, prompt, rec["time"] if use else None,

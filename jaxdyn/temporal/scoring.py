@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdyn.data.tokenizer import Tokenizer
 from jaxdyn.temporal.batching import DAY_TAU, Shapes, encode, make_graph, take
 from jaxdyn.temporal.objective import answer_logprobs, js_divergence
 
@@ -34,15 +35,17 @@ _ENCODED: dict = {}
 
 
 def encode_cached(recs: list[dict], sh: Shapes, date_in_prompt: bool = False,
-                  answers: list[str] | None = None) -> dict:
-    """`encode`, memoised per (split records, shapes, prompt form, answers): every run of an
-    experiment scores the same rows, and encoding (host-side Python) dominates evaluation."""
+                  answers: list[str] | None = None, tok: Tokenizer | None = None) -> dict:
+    """`encode`, memoised per (split records, shapes, prompt form, answers, tokenizer): every
+    run of an experiment scores the same rows, and encoding (host-side Python) dominates
+    evaluation."""
     key = (len(recs), recs[0]["id"] if recs else "", recs[-1]["id"] if recs else "", sh,
-           date_in_prompt, None if answers is None else tuple(answers))
+           date_in_prompt, None if answers is None else tuple(answers),
+           None if tok is None else tok.fingerprint())
     if key not in _ENCODED:
         if len(_ENCODED) >= 32:
             _ENCODED.clear()
-        _ENCODED[key] = encode(recs, sh, date_in_prompt, answers)
+        _ENCODED[key] = encode(recs, sh, date_in_prompt, answers, tok)
     return _ENCODED[key]
 
 
@@ -62,10 +65,12 @@ def _scorer(forward, use_time: bool, use_graph: bool):
 
 def score_records(forward, params, recs: list[dict], sh: Shapes, use_time: bool = True,
                   use_graph: bool = True, date_in_prompt: bool = False,
-                  batch_size: int = 64) -> list[dict]:
-    """Per record: candidate-ranking prediction, rank correctness and exact match."""
+                  batch_size: int = 64, tok: Tokenizer | None = None) -> list[dict]:
+    """Per record: candidate-ranking prediction, rank correctness and exact match; text is
+    encoded by `tok` (None: the syllable tokenizer)."""
     rows = [(i, c) for i, r in enumerate(recs) for c in r["candidates"]]
-    arr = encode_cached([recs[i] for i, _ in rows], sh, date_in_prompt, [c for _, c in rows])
+    arr = encode_cached([recs[i] for i, _ in rows], sh, date_in_prompt, [c for _, c in rows],
+                        tok)
     score = _scorer(forward, use_time, use_graph)
     lp, hit = np.zeros(len(rows)), np.zeros(len(rows), bool)
     for idx, padded in _batches(len(rows), batch_size):
@@ -99,7 +104,8 @@ def _js_fn(forward, use_time: bool, use_graph: bool):
 
 
 def regime_js(forward, params, recs, sh, use_time=True, use_graph=True, date_in_prompt=False,
-              batch_size: int = 64, seed: int = 0) -> dict[str, float]:
+              batch_size: int = 64, seed: int = 0,
+              tok: Tokenizer | None = None) -> dict[str, float]:
     """Mean JS between τ and τ′ inside the record's regime, and across its boundary.
 
     Across: τ′ is drawn within a year beyond the regime's end (or before its start when the
@@ -107,7 +113,7 @@ def regime_js(forward, params, recs, sh, use_time=True, use_graph=True, date_in_
     """
     if not use_time and not use_graph:
         return {"js_within": 0.0, "js_across": 0.0}
-    arr = encode_cached(recs, sh, date_in_prompt)
+    arr = encode_cached(recs, sh, date_in_prompt, tok=tok)
     rng = np.random.default_rng(seed)
     a, b = arr["regime"][:, 0], arr["regime"][:, 1]
     within = a + rng.random(len(recs)) * (b - a)
