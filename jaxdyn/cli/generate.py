@@ -100,6 +100,30 @@ def load_tables(args, cfg: ModelConfig, tok):
     return tables
 
 
+def lossless_check_wanted(args, cfg: ModelConfig) -> bool:
+    """`--check_lossless`: `auto` compares verify output with plain greedy decoding when the
+    compute dtype is not float32 and decoding is greedy; `on` always (greedy only)."""
+    greedy = args.temperature == 0.0
+    if args.check_lossless == "on" and not greedy:
+        raise SystemExit("error: --check_lossless on compares with plain greedy decoding; it "
+                         "needs --temperature 0 (sampling keeps only the distribution)")
+    if args.check_lossless == "auto":
+        return greedy and cfg.dtype != "float32"
+    return args.check_lossless == "on"
+
+
+def divergence_summary(div) -> str:
+    """The stats-line part of a lossless check (empty when none ran)."""
+    if div is None:
+        return ""
+    if div.lossless:
+        return f"; lossless check ({div.dtype}): identical to plain greedy"
+    firsts = ", ".join("-" if f is None else str(f) for f in div.first_divergence)
+    return (f"; LOSSLESS CHECK ({div.dtype}): {div.diverged_steps} of {div.compared_steps} "
+            f"tokens differ from plain greedy in {div.diverged_rows} of "
+            f"{len(div.first_divergence)} rows (first differing position per row: {firsts})")
+
+
 def decode(args, cfg: ModelConfig, params, tok, prompts, on_tokens=None):
     """Run `--mode` on the prompts: (result with `.tokens`, summary for the stats line)."""
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
@@ -113,12 +137,13 @@ def decode(args, cfg: ModelConfig, params, tok, prompts, on_tokens=None):
                          f"heads/, arch dense); {args.checkpoint!r} has none: train one with "
                          "configs/mtp.py or use --mode plain")
     if args.mode == "verify":
+        check = lossless_check_wanted(args, cfg)
         res = generate_verify(cfg, params, prompts, args.max_new_tokens, sampling, n_heads=n,
-                              head_depth=depth, **common)
+                              head_depth=depth, check_lossless=check, **common)
         rate = float(res.accepted.sum() / max(res.reached.sum(), 1))
         depths = ", ".join(f"{a:.2f}" for a in res.acceptance)
         return res, (f"; {res.tokens_per_forward:.2f} tokens/forward; acceptance {rate:.3f} "
-                     f"(per draft depth: {depths})")
+                     f"(per draft depth: {depths}){divergence_summary(res.divergence)}")
     opts = DynamoOptions(n_max=args.n_max or n, top_k=args.top_k or 50,
                          temperature=args.temperature,
                          repetition_penalty=args.repetition_penalty, alpha_c=args.alpha_c,
@@ -162,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     dyn.add_argument("--penalty_window", type=int, help="recent tokens the penalty sees (64)")
     dyn.add_argument("--cooccur_mode", choices=("ours", "paper"),
                      help="ours (renormalised grid) or the paper's literal thresholds")
+    ap.add_argument("--check_lossless", choices=("auto", "on", "off"), default="auto",
+                    help="--mode verify: also decode plain greedy and report tokens that differ "
+                         "(auto: when the compute dtype is not float32 and decoding is greedy)")
     ap.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time", help="YYYY-MM-DD date for a temporal-adapter checkpoint")

@@ -27,12 +27,54 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdyn.decode.generate import left_pad
+from jaxdyn.decode.generate import generate, left_pad
 from jaxdyn.decode.sampling import SamplingConfig, apply_repetition_penalty, filter_logits, sample
 from jaxdyn.model.config import ModelConfig
 from jaxdyn.multitoken.cooccur import CooccurTables
 from jaxdyn.multitoken.grid import DynamoOptions, select
-from jaxdyn.multitoken.heads import all_hidden, all_logits, init_mtp_cache, multitoken_model
+from jaxdyn.multitoken.heads import (
+    all_hidden,
+    all_logits,
+    dense_params_of,
+    init_mtp_cache,
+    multitoken_model,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Divergence:
+    """Verify output against plain greedy decoding of the same prompts, config and dtype.
+
+    `diverged_steps` counts, over all rows, the output positions whose token differs from the
+    plain decode's (a position only one of the two reached counts too); `first_divergence[b]`
+    is row b's first such position, None when the row is identical."""
+
+    diverged_steps: int
+    first_divergence: tuple[int | None, ...]
+    compared_steps: int  # positions compared (the longer row of each pair, summed)
+    dtype: str  # compute dtype both decodes ran in
+
+    @property
+    def diverged_rows(self) -> int:
+        return sum(f is not None for f in self.first_divergence)
+
+    @property
+    def lossless(self) -> bool:
+        return self.diverged_steps == 0
+
+
+def divergence(tokens: Sequence[Sequence[int]], reference: Sequence[Sequence[int]],
+               dtype: str = "float32") -> Divergence:
+    """Position-wise comparison of two decodes of the same prompts (see `Divergence`)."""
+    if len(tokens) != len(reference):
+        raise ValueError(f"{len(tokens)} rows against {len(reference)} reference rows")
+    steps, compared, first = 0, 0, []
+    for row, ref in zip(tokens, reference, strict=True):
+        n = max(len(row), len(ref))
+        diff = [i for i in range(n) if i >= len(row) or i >= len(ref) or row[i] != ref[i]]
+        steps, compared = steps + len(diff), compared + n
+        first.append(diff[0] if diff else None)
+    return Divergence(steps, tuple(first), compared, dtype)
 
 
 @dataclasses.dataclass
@@ -49,6 +91,7 @@ class MTPResult:
     backoffs: int = 0  # multitoken: back-off events
     emissions: list[list[list[int]]] | None = None  # multitoken: per row, tokens of each step
     cache: dict | None = None  # final cache (when asked for)
+    divergence: Divergence | None = None  # verify with check_lossless: against plain greedy
 
     @property
     def tokens_per_forward(self) -> float:
@@ -203,10 +246,20 @@ def generate_verify(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[i
                     max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                     seed: int = 0, eos_id: int | None = None, n_heads: int = 3,
                     head_depth: int = 1, bucket: int = 16, return_cache: bool = False,
-                    on_tokens: Callable[[int, list[list[int]]], None] | None = None
-                    ) -> MTPResult:
+                    on_tokens: Callable[[int, list[list[int]]], None] | None = None,
+                    check_lossless: bool = False) -> MTPResult:
     """Lossless decoding: greedy output equals plain greedy decoding of head 1; sampling keeps
-    head 1's processed distribution. `on_tokens(step, new_tokens_per_row)` streams."""
+    head 1's processed distribution. `on_tokens(step, new_tokens_per_row)` streams.
+
+    Exact in fp32. In a lower compute dtype (`cfg.dtype` bf16) a near-tie of head 1's logits
+    can resolve differently in the n-wide verify block than in plain single-token decoding, and
+    the outputs then diverge. `check_lossless` (greedy only) also runs plain greedy decoding of
+    the same prompts with the same config after the timed loop and stores the comparison in
+    `result.divergence` (`Divergence`); the output itself is never altered."""
+    if check_lossless and sampling.temperature != 0.0:
+        raise ValueError("check_lossless compares token for token with plain greedy decoding; "
+                         "it needs greedy sampling (temperature 0), sampling keeps only the "
+                         "distribution")
     n = n_heads
     tokens, positions, valid, S = _padded_prompts(cfg, prompts, max_new_tokens, n, bucket)
     B, P = tokens.shape
@@ -243,8 +296,13 @@ def generate_verify(cfg: ModelConfig, params: dict, prompts: Sequence[Sequence[i
             on_tokens(forwards, [o[k:] for o, k in zip(out, before, strict=True)])
         block, blk = nxt, nxt_h
     t2 = time.perf_counter()
+    div = None
+    if check_lossless:
+        ref = generate(cfg, dense_params_of(params), prompts, max_new_tokens, sampling, seed,
+                       eos_id, bucket).tokens
+        div = divergence(out, ref, cfg.dtype)
     return MTPResult(out, t1 - t0, t2 - t1, forwards, emitted, row_forwards, hist, reached,
-                     accepted, cache=cache if return_cache else None)
+                     accepted, cache=cache if return_cache else None, divergence=div)
 
 
 # ----------------------------------------------------------------------------- DynaMo

@@ -1,6 +1,7 @@
 """Multi-token heads (DynaMo): targets, checkpoint import, LR groups, grid maths, verify and
 multitoken decoding on a tiny trained model."""
 
+import dataclasses
 import itertools
 import json
 import types
@@ -13,12 +14,14 @@ import pytest
 
 from jaxdyn.checkpoint import load_model
 from jaxdyn.cli.common import load_for_inference
+from jaxdyn.cli.generate import divergence_summary, lossless_check_wanted
 from jaxdyn.decode.generate import generate
 from jaxdyn.decode.sampling import SamplingConfig
 from jaxdyn.evaluate.perplexity import evaluate as evaluate_ppl
 from jaxdyn.model import build, tiny
 from jaxdyn.multitoken.cooccur import CooccurTables, build_tables
 from jaxdyn.multitoken.decode import (
+    divergence,
     generate_multitoken,
     generate_verify,
     multitoken_step,
@@ -347,6 +350,63 @@ def test_caches_equal_full_recompute_after_accepting_1_2_3(trained, untrained, t
         _check_cache(trained.params, res.cache, ctx, [len(p) for p in PROMPTS])
     assert hists[0][1] == hists[0].sum()  # ε_b = 1: one token per forward
     assert hists[1][3] > 0.8 * hists[1].sum() and sum(h[2] + h[3] for h in hists) > 0
+
+
+def test_divergence_counts_differing_positions():
+    div = divergence([[1, 2, 3], [4, 5], [7]], [[1, 9, 3], [4, 5, 6], [7]], "bfloat16")
+    assert (div.diverged_steps, div.first_divergence, div.compared_steps) == (2, (1, 2, None), 7)
+    assert div.diverged_rows == 2 and not div.lossless and div.dtype == "bfloat16"
+    assert divergence([[1, 2]], [[1, 2]]).lossless
+    with pytest.raises(ValueError, match="rows"):
+        divergence([[1]], [[1], [2]])
+
+
+def _independent_diff(a_rows, b_rows):
+    """(differing positions, first per row) by direct comparison of padded arrays."""
+    steps, first = 0, []
+    for a, b in zip(a_rows, b_rows, strict=True):
+        n = max(len(a), len(b))
+        pa, pb = np.full(n, -1), np.full(n, -2)
+        pa[:len(a)], pb[:len(b)] = a, b
+        bad = np.flatnonzero(pa != pb)
+        steps += len(bad)
+        first.append(int(bad[0]) if len(bad) else None)
+    return steps, tuple(first)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_verify_check_lossless_reports_divergence_from_plain_greedy(untrained, dtype):
+    """fp32: identical, 0 diverged. bf16: the reported count (whatever it is) equals an
+    independent comparison with plain greedy decoding in the same dtype."""
+    cfg = dataclasses.replace(CFG, dtype=dtype)
+    prompts = PROMPTS + [[int(t) for t in np.random.default_rng(5).integers(0, 34, 9)]]
+    res = generate_verify(cfg, untrained, prompts, 32, check_lossless=True)
+    ref = generate(cfg, dense_params_of(untrained), prompts, 32).tokens
+    div = res.divergence
+    assert div.dtype == dtype and div.compared_steps == sum(max(len(a), len(b)) for a, b in
+                                                            zip(res.tokens, ref, strict=True))
+    assert (div.diverged_steps, div.first_divergence) == _independent_diff(res.tokens, ref)
+    if dtype == "float32":
+        assert res.tokens == ref and div.lossless and div.diverged_rows == 0
+    assert generate_verify(cfg, untrained, prompts, 8).divergence is None  # only when asked
+    with pytest.raises(ValueError, match="greedy"):
+        generate_verify(cfg, untrained, prompts, 8, SamplingConfig(temperature=1.0),
+                        check_lossless=True)
+
+
+def test_cli_checks_lossless_by_default_outside_fp32_and_reports_it():
+    args = lambda mode, t=0.0: types.SimpleNamespace(check_lossless=mode, temperature=t)
+    bf16 = dataclasses.replace(CFG, dtype="bfloat16")
+    assert lossless_check_wanted(args("auto"), bf16)
+    assert not lossless_check_wanted(args("auto"), CFG)  # fp32: exact, no second decode
+    assert not lossless_check_wanted(args("auto", 0.7), bf16)  # sampling: no token reference
+    assert lossless_check_wanted(args("on"), CFG) and not lossless_check_wanted(args("off"), bf16)
+    with pytest.raises(SystemExit, match="temperature 0"):
+        lossless_check_wanted(args("on", 0.7), CFG)
+    line = divergence_summary(divergence([[1, 2, 3], [4]], [[1, 5, 6], [4]], "bfloat16"))
+    assert "2 of 4 tokens differ" in line and "1 of 2 rows" in line and "1, -" in line
+    assert "identical" in divergence_summary(divergence([[1]], [[1]]))
+    assert divergence_summary(None) == ""
 
 
 def test_multitoken_emits_only_seen_ngrams_and_is_deterministic(trained, tables):
