@@ -52,7 +52,7 @@ from jaxdyn.multitoken.objective import markov_corpus
 from jaxdyn.train import schema, train_and_evaluate
 
 PRESETS = {
-    # ~2-4 min on 2 CPU cores: GPT-NeoX D=64, L=4 over bytes.
+    # ~6-8 min on 2 CPU cores: GPT-NeoX D=64, L=4 over bytes; the mechanism check ~3.5 min.
     "tiny": dict(layers=4, dense_steps=800, mtp_steps=600, batch=16, seq_len=128,
                  lr_dense=3e-3, lr_base=3e-5, prompts=8, max_new=96, train_docs=390,
                  mechanism=1500),
