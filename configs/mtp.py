@@ -9,10 +9,12 @@ model; heads 2..n are one new decoder layer + norm each (jaxdyn/multitoken/heads
 rates LR_B : LR_M : LR_MB = 1 : 100 : 0.1: `train.lr` is LR_B, `train.lr_groups` gives the new
 heads 100x, and `mtp.stem_grad_scale` scales the heads' gradient into the stem. Presets:
 `tiny` (CPU, from scratch), `small`, `pythia-70m` (the paper's 77M-T3 recipe on an imported
-Pythia-70M).
+Pythia-70M: a 5 % sample of the Pile, 97/3 split, 2048-token rows, one epoch; the default
+source is the public Pile copy without its copyrighted subsets, since the original is no
+longer distributed — `configs/presets.py` DYNAMO_DATA says how to point it at a full copy).
 """
 
-from configs.presets import base_config
+from configs.presets import DYNAMO_DATA, base_config
 
 PRESETS = ("tiny", "small", "pythia-70m")
 
@@ -31,6 +33,7 @@ def get_config(preset: str = "tiny"):
     c.model.num_kv_heads = c.model.num_heads
     if preset == "pythia-70m":
         c.train.update(eps=1e-8, min_lr_ratio=0.0)
+        c.data.update(DYNAMO_DATA)
     # The `mtp` block keeps its defaults (jaxdyn/multitoken/objective.py: 3 heads, LR_MB 0.1).
     # LR_M = 100 LR_B for every parameter of heads 2..n (first match wins, others 1.0). The
     # ratio is the paper's for fine-tuning a pretrained model (pythia-70m); the from-scratch

@@ -64,6 +64,30 @@ PRESETS: dict[str, dict] = {
 }
 
 
+# ----- data recipes: the papers' training data as `data` blocks (docs/data.md#recipes) -----
+# The DTF thesis: seven sets, each entering with a ratio of itself (`sample` keeps that hash-
+# chosen fraction of its documents), 2 % of each held out, mixed as if concatenated and
+# shuffled (`mixing="tokens"`). Hub names are today's homes of the datasets the thesis names.
+THESIS_SOURCES = (
+    {"source": "hub:Salesforce/wikitext:wikitext-103-raw-v1", "text_field": "text",
+     "sample": 1.0},
+    {"source": "hub:abisee/cnn_dailymail:3.0.0", "text_field": "article", "sample": 0.2},
+    {"source": "hub:storytracer/US-PD-Books", "text_field": "text", "sample": 0.5},
+    {"source": "hub:HuggingFaceTB/cosmopedia:openstax", "text_field": "text", "sample": 0.1},
+    {"source": "hub:allenai/sciq", "text_field": "support", "sample": 1.0},
+    {"source": "hub:codeparrot/codeparrot-clean-valid", "text_field": "content",
+     "sample": 1.0},
+    {"source": "hub:roneneldan/TinyStories", "text_field": "text", "sample": 1.0},
+)
+THESIS_DATA = dict(sources=THESIS_SOURCES, mixing="tokens", val_fraction=0.02)
+# DynaMo (Tuli et al., 2024): a 5 % random sample of the Pile, 97/3 train/validation. The
+# original Pile is no longer distributed; the default source is its public copy without the
+# copyrighted subsets (point `data.sources[0].source` at a full copy to match the paper).
+PILE_SOURCE = "hub:monology/pile-uncopyrighted"
+DYNAMO_DATA = dict(sources=({"source": PILE_SOURCE, "text_field": "text", "sample": 0.05},),
+                   val_fraction=0.03)
+
+
 def base_config(preset: str, *features: str) -> mlc.ConfigDict:
     """The schema's defaults (plus the named feature blocks) with the preset's values."""
     if preset not in PRESETS:

@@ -23,6 +23,7 @@ from configs.mod import THESIS_LR_GROUPS as MOD_GROUPS
 from configs.presets import base_config
 
 PRESETS = ("tiny", "cpu")
+PRESET_SHAPE = {"cpu": "tiny"}  # both variants use the `tiny` shapes
 
 
 def get_config(preset: str = "cpu") -> mlc.ConfigDict:

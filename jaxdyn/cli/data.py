@@ -34,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--text_field", default="text", help="text column of JSON/Parquet/hub rows")
     ap.add_argument("--split", default="train", help="hub split to stream")
     ap.add_argument("--max_documents", type=int, default=0, help="0 = all")
+    ap.add_argument("--sample", type=float, default=1.0,
+                    help="keep this fraction of the documents (hash-chosen subset; 1 = all)")
     ap.add_argument("--val_fraction", type=float, default=0.02)
     ap.add_argument("--shards", type=int, default=8,
                     help="shards per split (at least the number of training processes)")
@@ -47,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.workers > 1 and args.process_count > 1:
         raise SystemExit("--workers and --process_count > 1 exclude each other: use one")
     spec = SourceSpec(source=args.source, text_field=args.text_field, split=args.split,
-                      max_documents=args.max_documents)
+                      max_documents=args.max_documents, sample=args.sample)
     tok = _tokenizer(args.tokenizer)
     kw = {"val_fraction": args.val_fraction, "shards": args.shards, "cache_dir": args.cache_dir}
     if args.process_count > 1:

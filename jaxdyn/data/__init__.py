@@ -59,7 +59,11 @@ class DataConfig:
     .parquet file, folder or glob, "hub:NAME[:CONFIG]" (HF datasets, streamed, network
     needed), or a folder written by `python -m jaxdyn.data.prepare`.
     sources: a mixture instead of `source`: entries {"source", "weight", "text_field",
-    "split", "max_documents"} (see `SourceSpec`); rows are drawn by weight.
+    "split", "max_documents", "sample"} (see `SourceSpec`); rows are drawn by weight.
+    mixing: how `weight` turns into draw probabilities. "weights": a source's share of rows is
+    its weight (normalised). "tokens": weight × the source's training tokens, i.e. rows come
+    as if the sources (each after `sample`) were concatenated and shuffled — the thesis's
+    recipe, where each dataset enters with a ratio of itself.
     """
 
     source: str = "builtin"
@@ -68,6 +72,7 @@ class DataConfig:
     max_documents: int = 0  # 0 = all
     cache_dir: str = ""  # prepared shards, token cache (.npy), HF datasets cache; "" = none
     sources: tuple = ()  # the mixture; () = the single `source` above with weight 1
+    mixing: str = "weights"  # "weights" | "tokens" (weight × training tokens, see above)
     shards: int = 8  # shards per split when the trainer prepares a source (>= processes)
     prefetch_threads: int = 2  # grain threads building rows ahead of the step
     prefetch_buffer: int = 4  # batches read ahead
@@ -75,6 +80,8 @@ class DataConfig:
 
     def __post_init__(self):
         self.sources = tuple(SourceSpec.of(e) for e in self.sources)
+        if self.mixing not in MIXING:
+            raise DataConfigError(f"data.mixing={self.mixing!r}; use one of {MIXING}")
         for name in ("shards", "prefetch_buffer"):
             if getattr(self, name) < 1:
                 raise DataConfigError(f"data.{name}={getattr(self, name)} must be >= 1")
@@ -88,6 +95,7 @@ class DataConfig:
                                            self.max_documents),)
 
 
+MIXING = ("weights", "tokens")
 _DOC_CACHE: dict[tuple, tuple[list[str], list[str]]] = {}
 
 
@@ -195,6 +203,10 @@ def prepared_folders(cfg: DataConfig, tokenizer, process_index: int = 0,
     folders, todo = [], []
     for spec in cfg.entries():
         if is_prepared(spec.source):
+            if spec.sample < 1:
+                raise DataConfigError(f"data source {spec.source!r} is a prepared folder; "
+                                      f"sample={spec.sample} applies when preparing: prepare "
+                                      "it with --sample, or name the raw source here")
             folders.append(spec.source)
             continue
         folder = cache_folder(root, spec, tokenizer, val_fraction=cfg.val_fraction,
@@ -237,11 +249,21 @@ def grain_train_iterator(cfg: DataConfig, tokenizer, *, seq_len: int, batch_size
     for d in docs:
         log.info("data: process %d of %d reads %d shard(s) of %s: %s", process_index,
                  process_count, len(d.files), d.folder, [os.path.basename(f) for f in d.files])
-    return GrainTextIterator(docs, [e.weight for e in cfg.entries()], seq_len=seq_len,
+    return GrainTextIterator(docs, mixture_weights(cfg, folders), seq_len=seq_len,
                              batch_size=batch_size, seed=seed, pad_id=tokenizer.pad_id,
                              process_index=process_index, process_count=process_count,
                              threads=cfg.prefetch_threads, buffer=cfg.prefetch_buffer,
                              workers=cfg.workers)
+
+
+def mixture_weights(cfg: DataConfig, folders: list[str]) -> list[float]:
+    """Draw weights of the prepared sources: `weight`, or weight × the source's training
+    tokens (from its manifest, the same on every process) when `mixing="tokens"`."""
+    weights = [float(e.weight) for e in cfg.entries()]
+    if cfg.mixing == "tokens":
+        weights = [w * read_manifest(f)["tokens"]["train"] for w, f in
+                   zip(weights, folders, strict=True)]
+    return weights
 
 
 def prepared_eval_batches(folders: list[str], tokenizer, *, seq_len: int, batch_size: int,

@@ -348,6 +348,13 @@ def doc_key(text: str) -> float:
                           "big") / 2.0**64
 
 
+def sample_key(text: str) -> float:
+    """The sampling key of a document in [0, 1): kept by `sample=f` when key < f. Salted, so
+    the kept subset is independent of the validation split (`doc_key`)."""
+    return int.from_bytes(hashlib.sha1(b"sample:" + text.encode("utf-8", "replace")).digest()
+                          [:8], "big") / 2.0**64
+
+
 def read_source(source: str, text_field: str, max_documents: int, cache_dir: str) -> list[str]:
     """All non-blank documents of a source, in a deterministic order."""
     if source == "builtin":

@@ -150,6 +150,51 @@ def test_mixture_proportions_follow_weights(builtin40, tmp_path):
     assert all(same(x, next(again)) for x in want)
 
 
+def test_token_mixing_draws_as_if_the_sources_were_concatenated(builtin40, tmp_path):
+    """mixing="tokens": a source's share of rows is weight × its training tokens (normalised):
+    the thesis's "take ratio r of each set, concatenate, shuffle"."""
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"text": f"row {i} " * 40}) + "\n" for i in range(30)))
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), shards=2, mixing="tokens",
+                     sources=({"source": builtin40, "weight": 1.0},
+                              {"source": str(small), "weight": 0.5}))
+    folders = prepared_folders(cfg, TOK)
+    tokens = np.array([read_manifest(f)["tokens"]["train"] for f in folders], float)
+    want = tokens * [1.0, 0.5] / (tokens * [1.0, 0.5]).sum()
+    it = grain_train_iterator(cfg, TOK, seq_len=32, batch_size=10, seed=0)
+    assert np.allclose(np.array(it.weights) / sum(it.weights), want)
+    for _ in range(150):
+        next(it)
+    share = it.source_rows / it.source_rows.sum()
+    assert np.abs(share - want).max() < 0.03, (share, want)
+    with pytest.raises(DataConfigError, match="mixing"):
+        DataConfig(mixing="size")
+
+
+def test_sample_keeps_a_hash_chosen_fraction_independent_of_the_split(tmp_path):
+    from jaxdyn.data.sources import doc_key, sample_key
+
+    src = tmp_path / "docs.jsonl"
+    texts = [f"document number {i} " * (1 + i % 5) for i in range(2000)]
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    m = prepare(SourceSpec(str(src), sample=0.25), TOK, str(tmp_path / "s25"),
+                val_fraction=0.1, shards=2)
+    kept = [t for t in texts if sample_key(t) < 0.25]
+    assert m["documents"]["train"] + m["documents"]["validation"] == len(kept)
+    assert 0.21 < len(kept) / len(texts) < 0.29
+    # The kept subset's validation share is still ≈ val_fraction (salted, independent keys).
+    assert m["documents"]["validation"] == sum(doc_key(t) < 0.1 for t in kept)
+    assert 0.06 < m["documents"]["validation"] / len(kept) < 0.14
+    full = prepare(SourceSpec(str(src)), TOK, str(tmp_path / "all"), val_fraction=0.1,
+                   shards=2)
+    assert full["documents"]["train"] + full["documents"]["validation"] == len(texts)
+    with pytest.raises(DataConfigError, match="sample"):
+        SourceSpec(str(src), sample=0.0)
+    with pytest.raises(DataConfigError, match="prepared folder"):
+        prepared_folders(DataConfig(sources=({"source": str(tmp_path / "all"),
+                                              "sample": 0.5},)), TOK)
+
+
 def test_config_sources_through_the_schema(tmp_path):
     from jaxdyn.train import schema
 

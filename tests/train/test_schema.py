@@ -31,17 +31,17 @@ def config_files():
 def presets():
     for name, mod in config_files():
         for preset in getattr(mod, "PRESETS", ()):
-            yield f"configs/{name}:{preset}"
+            # A run-size variant names the shape preset it uses (e.g. dtf `c0.125` -> small).
+            yield f"configs/{name}:{preset}", getattr(mod, "PRESET_SHAPE", {}).get(preset, preset)
 
 
-@pytest.mark.parametrize("spec", list(presets()))
-def test_every_config_and_preset_parses_and_keeps_the_preset_shape(spec):
+@pytest.mark.parametrize(("spec", "shape"), list(presets()))
+def test_every_config_and_preset_parses_and_keeps_the_preset_shape(spec, shape):
     cfg = load_config(spec)
     if "train" in cfg:  # a run config: every block checks out as its dataclass
         blocks = schema.check(cfg)
         assert blocks["train"].steps >= 1 and blocks["model"].num_layers >= 1
-    preset = spec.split(":")[1]
-    table = PRESETS["small" if preset == "c0.125" else preset]["model"]
+    table = PRESETS[shape]["model"]
     assert {k: cfg.model[k] for k in SHAPE} == {k: table[k] for k in SHAPE}, spec
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from etils import epath
 
 from jaxdyn.data.errors import DataConfigError, EmptyDatasetError
-from jaxdyn.data.sources import _local_files, doc_key, iter_documents
+from jaxdyn.data.sources import _local_files, doc_key, iter_documents, sample_key
 
 FORMAT = 1
 MANIFEST, HEADER = "manifest.json", "prepare.json"
@@ -53,7 +53,11 @@ class SourceSpec:
     weight: float = 1.0  # share of training rows drawn from this source (normalised)
     text_field: str = "text"  # column of JSON/Parquet/hub rows holding the text
     split: str = "train"  # hub split to stream
-    max_documents: int = 0  # 0 = all
+    max_documents: int = 0  # 0 = all (counted before `sample`)
+    # Keep this fraction of the documents: a deterministic random subset chosen by a salted
+    # hash of each text (`sample_key`, independent of the validation split), e.g. the DynaMo
+    # recipe's 5 % of the Pile or the thesis's per-dataset ratios. 1.0 = every document.
+    sample: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.source, str) or not self.source:
@@ -64,6 +68,9 @@ class SourceSpec:
         if self.max_documents < 0:
             raise DataConfigError(f"data source {self.source!r}: max_documents="
                                   f"{self.max_documents} must be >= 0 (0 = all)")
+        if not 0.0 < float(self.sample) <= 1.0:
+            raise DataConfigError(f"data source {self.source!r}: sample={self.sample} must be "
+                                  "a fraction in (0, 1] (1 = every document)")
 
     @classmethod
     def of(cls, entry) -> SourceSpec:
@@ -122,7 +129,8 @@ def header(spec: SourceSpec, tokenizer, *, val_fraction: float, shards: int) -> 
             "dtype": token_dtype(tokenizer).str,
             "source": {"source": spec.source, "text_field": spec.text_field,
                        "split": spec.split, "max_documents": spec.max_documents,
-                       "version": source_version(spec)},
+                       "version": source_version(spec),
+                       **({"sample": float(spec.sample)} if spec.sample < 1 else {})},
             "split_rule": {"kind": "sha1", "val_fraction": val_fraction,
                            "rule": "validation when the first 8 bytes of sha1(utf-8 text), "
                                    "as a fraction of 2**64, are below val_fraction"},
@@ -239,6 +247,8 @@ def _documents(spec: SourceSpec, val_fraction: float,
     counts = {"train": 0, "validation": 0}
     for text in iter_documents(spec.source, spec.text_field, spec.max_documents, cache_dir,
                                spec.split):
+        if spec.sample < 1 and sample_key(text) >= spec.sample:
+            continue
         key = doc_key(text)
         split = "validation" if key < val_fraction else "train"
         yield split, counts[split], text, key
