@@ -6,7 +6,9 @@
 
 Trains the three models with identical data, seed, optimizer and layer shapes (the dense
 baseline gets the routed models' layer count; MoD and DTF share γ), then writes `results.md` /
-`results.json` (final validation loss, training FLOPs, tokens/s) and `val_loss.png`
+`results.json` (final validation loss under causal routing — as in generation — and under
+top-k routing, which can see later tokens' router scores; training FLOPs, tokens/s) and
+`val_loss.png`
 (validation loss against step and against training FLOPs). Extra `--config.…` flags apply to
 all three runs.
 """
@@ -82,7 +84,9 @@ def run_all(preset: str, out: str, overrides: list[str]) -> list[dict]:
         tokens = cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
         val = [r for r in read_metrics(workdir) if r["split"] == "val"]
         rows.append({"model": name, "capacity": mcfg.routing_options.get("capacity", 1.0),
-                     "val_loss": last.get("val/loss"), "train_tflops": per_tok["model"] * tokens
+                     "val_loss": last.get("val/loss"),
+                     "val_causal_loss": last.get("val_causal/loss", last.get("val/loss")),
+                     "train_tflops": per_tok["model"] * tokens
                      / 1e12, "flop_ratio": per_tok["model"] / per_tok["dense_equivalent"],
                      "tokens_per_sec": last.get("train/tokens_per_sec"),
                      "curve": [(r["step"], r["val/loss"]) for r in val],
@@ -91,10 +95,11 @@ def run_all(preset: str, out: str, overrides: list[str]) -> list[dict]:
 
 
 def write_results(rows: list[dict], out: str) -> str:
-    lines = ["| model | capacity | final val loss | train FLOPs (T) | FLOP ratio | tokens/s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | capacity | final val loss (causal) | final val loss (top-k) | "
+             "train FLOPs (T) | FLOP ratio | tokens/s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['capacity']} | {r['val_loss']:.4f} | "
+        lines.append(f"| {r['model']} | {r['capacity']} | {r['val_causal_loss']:.4f} | "
+                     f"{r['val_loss']:.4f} | "
                      f"{r['train_tflops']:.3f} | {r['flop_ratio']:.3f} | "
                      f"{r['tokens_per_sec']:,.0f} |")
     table = "\n".join(lines)
