@@ -36,7 +36,7 @@ def get_config(preset: str = "cpu") -> mlc.ConfigDict:
     c.data.max_documents = 1200 if cpu else 200  # stdlib files, byte-level
     c.train.update(batch_size=32 if cpu else 8, seq_len=64, seed=0)
     # The eval split is the same for every run; causal routing is reported beside top-k.
-    c.eval.update(every=50 if cpu else 4, batches=16 if cpu else 2, causal_mode=True)
+    c.eval.update(every=100 if cpu else 4, batches=16 if cpu else 2, causal_mode=True)
     c.log.update(every=50 if cpu else 4, tensorboard=False)
     c.sample.max_new_tokens = 0
     c.experiment = mlc.ConfigDict(dict(
