@@ -23,6 +23,7 @@ from jaxdyn.config.loader import inside, load_config
 from jaxdyn.data import DataConfig
 from jaxdyn.data.tokenizer import tokenizer_kinds
 from jaxdyn.model import ModelConfig
+from jaxdyn.model.routing.options import trained_window
 from jaxdyn.multitoken.grid import DynamoOptions
 from jaxdyn.multitoken.objective import MultiTokenConfig
 from jaxdyn.temporal.batching import Shapes
@@ -295,5 +296,12 @@ def finalize(cfg: mlc.ConfigDict, *, vocab_size: int | None = None,
 
 
 def model_config(cfg: mlc.ConfigDict) -> ModelConfig:
-    """`cfg.model` as a ModelConfig (unknown fields name the closest valid one)."""
-    return ModelConfig.from_dict(cfg.model.to_dict())
+    """`cfg.model` as a ModelConfig (unknown fields name the closest valid one).
+
+    A DTF model's MA window is fixed here to min(ma_window, train.seq_len)
+    (`routing.options.trained_window`, docs/features/routing.md §4.3)."""
+    d = cfg.model.to_dict()
+    if "train" in cfg:
+        d["routing"] = trained_window(d.get("arch", "dense"), dict(d.get("routing") or {}),
+                                      cfg.train.seq_len)
+    return ModelConfig.from_dict(d)

@@ -12,7 +12,9 @@ through the Dynamic layer, whose update is scaled by G. A causal router P(sg(H_p
 the top-k mask for generation.
 
 Parameters: `dec/…`, `dyn/…` (DecoderLayer trees), `prior_norm/scale`, `prior/w1|w3|w2`,
-`beta_ce`, `beta_cu`, `o_ce`, `m_cu` (fp32 scalars), `predictor/fc1|fc2`.
+`beta_ce`, `beta_cu`, `o_ce`, `m_cu` (fp32 scalars, inits: routing options `<name>_init`),
+`predictor/fc1|fc2`. MA_W uses the fixed W = routing `ma_window` (a training config resolves it
+to min(ma_window, train.seq_len)), never the call's T, so cached decoding equals the forward.
 Aux losses (already weighted): `prior` (0.05), `causal_router` (0.01).
 """
 
@@ -28,7 +30,7 @@ from jax import lax
 from jaxdyn.model.block import DecoderLayer, init_layer_cache
 from jaxdyn.model.config import ModelConfig
 from jaxdyn.model.layers import Norm, dtype_of, param_init
-from jaxdyn.model.routing.options import prior_width, routed_k, routing_opts
+from jaxdyn.model.routing.options import DTF_SCALARS, prior_width, routed_k, routing_opts
 from jaxdyn.model.routing.route import (
     CausalPredictor,
     causal_routed,
@@ -46,7 +48,6 @@ from jaxdyn.model.units import UnitSpec, register_unit
 f32 = jnp.float32
 sg = lax.stop_gradient
 PRIOR_NORM_EPS = 1e-6  # Qwen2's value, used for every family (docs/features/routing.md)
-SCALAR_INITS = {"beta_ce": -0.3, "beta_cu": -0.6, "o_ce": 1.025, "m_cu": 1.1}
 
 
 class PriorFFN(nn.Module):
@@ -115,8 +116,9 @@ class DTFUnit(nn.Module):
         # Surprises, criteria and gate: fp32, not detached (LM → G → β, o_ce, m_cu, prior, dec).
         d_st_BT = jnp.mean(jnp.square(delta_BTD), axis=-1)
         d_ch_BT = jnp.mean(jnp.square(delta_BTD - dhat_BTD), axis=-1)
-        scalar = {n: self.param(n, param_init((), nn.initializers.constant(v)), (), f32)
-                  for n, v in SCALAR_INITS.items()}
+        scalar = {n: self.param(n, param_init((), nn.initializers.constant(opt[f"{n}_init"])),
+                                (), f32)
+                  for n in DTF_SCALARS}
         new_cache = None
         if cache is None:
             ma_BT = moving_average(sg(d_st_BT), opt["ma_window"], ctx.get("seg_BT"),
@@ -154,6 +156,9 @@ class DTFUnit(nn.Module):
             sel_frac = masked_mean(d_BT.astype(f32), w_BT)
 
         self.sow("intermediates", "routing", {"gate": g_BT, "topk": m_BT})  # visualize
+        self.sow("intermediates", "gate_terms", {  # the §4.3 terms, for reference tests
+            "h": h_BTD, "h_post": hp_BTD, "dhat": dhat_BTD, "d_st": d_st_BT, "d_ch": d_ch_BT,
+            "ma": ma_BT, "ce": ce_BT, "cu": cu_BT, "s_ce": s_ce_BT, "s_cu": s_cu_BT, "g": g_BT})
 
         # Prior loss: the prior predicts the Decision layer's update (input H not detached).
         if opt["prior_loss_form"] == "thesis":

@@ -39,12 +39,18 @@ DTF: dict[str, Any] = {
     "prior_loss_weight": 0.05,
     "prior_loss_form": "residual",  # "residual": MSE(Δ̂, sg Δ) | "thesis": MSE(H + Δ̂, sg H_post)
     "prior_detach_input": False,  # feed sg(H) to the prior
-    "ma_window": 100,  # W of the moving average of sg(D_st)
+    "ma_window": 100,  # W of the MA of sg(D_st); a run uses min(ma_window, train.seq_len)
     "ma_padding": "replicate",  # "replicate" the first value | "available" history only
     "causal_router_input": "post",  # "post": P(sg(H_post)) | "pair_input": P(sg(H))
     "beta_mode": "softplus",  # effective β = softplus(raw β), learnable
     "prior": "swiglu",  # PriorFFN predicting Δ
+    # Raw inits of the four learnable gate scalars (thesis values; softplus(β) is effective).
+    "beta_ce_init": -0.3,
+    "beta_cu_init": -0.6,
+    "o_ce_init": 1.025,  # > 0: CE adds log(o_ce)
+    "m_cu_init": 1.1,
 }
+DTF_SCALARS = ("beta_ce", "beta_cu", "o_ce", "m_cu")  # DTF param names; option f"{name}_init"
 DEFAULTS: dict[str, dict[str, Any]] = {"mod": MOD, "dtf": DTF}
 
 CHOICES: dict[str, tuple] = {
@@ -102,6 +108,13 @@ def validate_routing(arch: str, routing: dict[str, Any], num_layers: int | None 
         if not opts["prior_width_factor"] > 0:
             raise ConfigError(f"routing prior_width_factor={opts['prior_width_factor']!r} "
                               "must be > 0")
+        for key in (f"{n}_init" for n in DTF_SCALARS):
+            v = opts[key]
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)):
+                raise ConfigError(f"routing {key}={v!r} must be a finite number")
+        if not opts["o_ce_init"] > 0:
+            raise ConfigError(f"routing o_ce_init={opts['o_ce_init']!r} must be > 0 "
+                              "(CE adds log o_ce)")
     every, offset = opts["route_every"], opts["route_offset"]
     if arch == "dtf" and (every, offset) != (2, 1):
         raise ConfigError(f"routing route_every={every!r}, route_offset={offset!r} for arch='dtf'; "
@@ -115,6 +128,21 @@ def validate_routing(arch: str, routing: dict[str, Any], num_layers: int | None 
         raise ConfigError(f"arch={arch!r} with route_every={every} needs num_layers divisible by "
                      f"{every}, got {num_layers}; unpaired_last_layer='dense' is not supported "
                      "yet")
+
+
+def trained_window(arch: str, routing: dict[str, Any], seq_len: int) -> dict[str, Any]:
+    """`routing` with the DTF moving-average window fixed to W = min(ma_window, seq_len).
+
+    The spec's W = min(100, T) with T the *training* sequence length: a model-config constant,
+    so a KV-cached decode (chunks of any length) computes the same MA as the full forward. Only
+    written when it differs from the merged value (runs with seq_len >= ma_window unchanged).
+    """
+    if arch != "dtf":
+        return dict(routing)
+    window = {**DTF, **routing}["ma_window"]
+    if not isinstance(window, int) or seq_len >= window:
+        return dict(routing)  # a bad ma_window is refused by validate_routing
+    return {**routing, "ma_window": int(seq_len)}
 
 
 def unit_slots(cfg) -> dict[str, int]:

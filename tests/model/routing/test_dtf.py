@@ -5,9 +5,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from jaxdyn.config.errors import ConfigError
 from jaxdyn.decode.generate import generate
-from jaxdyn.model import build, init_cache, init_params, tiny
+from jaxdyn.model import build, dense_to_routed, init_cache, init_params, tiny
+from jaxdyn.model.routing.options import trained_window
 
 SMALL = dict(hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
              vocab_size=128, num_layers=2)
@@ -162,3 +165,56 @@ def test_batched_left_padded_generation_is_greedy_under_causal_forward():
         seq = jnp.array([prompt + new])
         pred = np.asarray(jnp.argmax(fwd(cfg, "causal")(p, seq).logits[0], -1))
         assert pred[len(prompt) - 1:-1].tolist() == new
+
+
+INITS = {"beta_ce_init": 0.7, "beta_cu_init": -2.0, "o_ce_init": 0.5, "m_cu_init": 0.8}
+
+
+def test_gate_scalar_inits_are_routing_options():
+    cfg = dtf_cfg(**INITS)
+    p = _params(cfg)["layers"]  # not params_for: these options do change the init
+    for name, v in INITS.items():
+        np.testing.assert_allclose(p[name.removesuffix("_init")], [v], rtol=1e-7)
+    m = fwd(cfg)(_params(cfg), tokens()).aux["metrics"]
+    np.testing.assert_allclose(m["beta_ce_eff"], np.log1p(np.exp(0.7)), rtol=1e-6)
+    np.testing.assert_allclose(m["o_ce"], [0.5])
+    for bad in ({"o_ce_init": 0.0}, {"o_ce_init": -1.0}, {"m_cu_init": "1.1"},
+                {"beta_ce_init": float("nan")}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            dtf_cfg(**bad)
+
+
+def test_transfer_inits_new_gate_scalars_from_the_options():
+    dense = tiny("qwen2", **SMALL)
+    dense_p = jax.jit(lambda r: init_params(dense, r))(jax.random.key(0))
+    p, report = dense_to_routed(dense, dense_p, dtf_cfg(**INITS), jax.random.key(1))
+    assert "layers_0/o_ce" in report.new  # the report names unrolled layers
+    for name, v in INITS.items():
+        np.testing.assert_allclose(p["layers"][name.removesuffix("_init")], [v], rtol=1e-7)
+
+
+def test_kv_cached_generation_at_the_trained_window():
+    """A run trained at T = 8 fixes W = min(100, 8) = 8 in its model config: decoding 14 tokens
+    in cached chunks equals the causal full forward although the window slides, and the window
+    matters (the MA and the logits differ from W = 100)."""
+    routing = trained_window("dtf", {}, 8)
+    assert routing == {"ma_window": 8}
+    cfg = dtf_cfg(**routing).replace(scan_layers=False)
+    p = params_for(cfg)
+    B, T, P = 2, 14, 3
+    t = tokens(T=T)
+    apply = jax.jit(lambda cfg, p, t, c=None: build(cfg, "causal").apply(
+        {"params": p}, t, cache=c, mutable=["intermediates"]), static_argnums=0)
+    full, state = apply(cfg, p, t)
+    out, _ = apply(cfg, p, t[:, :P], init_cache(cfg, B, T))
+    steps, cache = [out.logits], out.cache
+    for i in range(P, T, 2):  # chunks of 2 tokens
+        out, _ = apply(cfg, p, t[:, i:i + 2], cache)
+        steps.append(out.logits)
+        cache = out.cache
+    np.testing.assert_allclose(jnp.concatenate(steps, 1), full.logits, atol=1e-5, rtol=0)
+    wide, wide_state = apply(cfg.replace(routing={}), p, t)  # W = 100
+    ma = state["intermediates"]["layers_0"]["gate_terms"][0]["ma"]
+    ma_wide = wide_state["intermediates"]["layers_0"]["gate_terms"][0]["ma"]
+    assert not np.allclose(ma, ma_wide, rtol=1e-4)
+    assert not np.array_equal(np.asarray(wide.logits), np.asarray(full.logits))
