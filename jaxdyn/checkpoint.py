@@ -10,7 +10,9 @@
   newer ones aside as `damaged-<step>-<time>` (never deleted; orbax ignores the name) and says
   so; if no step reads back, nothing is moved and `CheckpointDamagedError` lists why.
 - `load_model`: (ModelConfig, params, tokenizer folder) from an import or a training workdir
-  (the newest step whose parameters read back; a damaged newer one is skipped with a warning).
+  (the newest step whose parameters read back; a damaged newer one is skipped with a warning);
+  with a `mesh`, every tensor is read shard by shard straight into its rules-table sharding
+  (`stored_shardings`, `sharded_target`), as training does with `init.checkpoint`.
 Nothing here pickles: arrays go to tensorstore, the rest to JSON.
 Every path may be local or on an object store (`gs://…`, `s3://…`; `jaxdyn.config.paths`):
 orbax reads and writes those through epath and tensorstore's gcs/s3 drivers.
@@ -27,9 +29,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxdyn import sharding
 from jaxdyn.config import paths
 from jaxdyn.data.tokenizer import load_tokenizer
-from jaxdyn.model import ModelConfig
+from jaxdyn.model import ModelConfig, param_shardings
 from jaxdyn.model.lora import merge_lora
 
 STATE, DATA, META = "state", "data", "meta"
@@ -248,6 +251,16 @@ def _newest_readable(ckpt: Checkpointer, read) -> tuple[int, Any]:
     raise CheckpointDamagedError(ckpt._none_intact(failed))
 
 
+def _model_config(path: str) -> ModelConfig:
+    """The model config of an import folder or a training workdir."""
+    cfg_path = paths.join(path, "model_config.json")
+    if not paths.exists(cfg_path):
+        raise FileNotFoundError(f"{path!r} is neither a training workdir nor an imported "
+                                "checkpoint (no model_config.json); import a Hugging Face "
+                                "folder with `python -m conversion import HF_DIR OUT_DIR`")
+    return ModelConfig.from_dict(json.loads(paths.read_bytes(cfg_path)))
+
+
 def model_params_shapes(path: str) -> Any:
     """Param ShapeDtypeStructs of an import folder or a training workdir, reading no arrays."""
     path = paths.absolute(path)
@@ -260,17 +273,44 @@ def model_params_shapes(path: str) -> Any:
         ckpt.close()
 
 
-def load_model(path: str, target: Any | None = None) -> tuple[ModelConfig, Any, str]:
+def sharded_target(shapes: Any, shardings: Any, dtype: Any = None) -> Any:
+    """ShapeDtypeStructs carrying `shardings` (and `dtype`, default each stored one): an orbax
+    restore onto them reads each device's slice straight into its shard, no full copy."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s),
+                        shapes, shardings)
+
+
+def stored_shardings(cfg: ModelConfig, shapes: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Shardings for a stored parameter tree of `cfg`'s model: the rules table's
+    (`param_shardings`) for the model's own tensors, replicated for anything else (feature
+    subtrees such as multi-token heads or adapters); dimensions a mesh axis does not divide
+    stay whole (`sharding.fit_spec`)."""
+    rules = {jax.tree_util.keystr(k): s for k, s in
+             jax.tree_util.tree_flatten_with_path(param_shardings(cfg, mesh))[0]}
+
+    def one(keypath, x):
+        spec = getattr(rules.get(jax.tree_util.keystr(keypath)), "spec", None)
+        if spec is None or len(spec) > len(x.shape):
+            spec = jax.sharding.PartitionSpec()
+        return jax.sharding.NamedSharding(mesh, sharding.fit_spec(x.shape, spec, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, shapes)
+
+
+def load_model(path: str, target: Any | None = None, mesh: jax.sharding.Mesh | None = None
+               ) -> tuple[ModelConfig, Any, str]:
     """(cfg, params, tokenizer_dir) from a `conversion import` folder (`model_config.json` +
     `params/`) or a training workdir (its latest checkpoint; LoRA factors merged in).
-    `target`: sharded ShapeDtypeStructs (see `load_params`) to read params shard by shard."""
+    `target`: sharded ShapeDtypeStructs (see `load_params`) to read params shard by shard;
+    `mesh` (without `target`): the stored tensors in their `stored_shardings` on it."""
     path = paths.absolute(path)
-    cfg_path = paths.join(path, "model_config.json")
-    if not paths.exists(cfg_path):
-        raise FileNotFoundError(f"{path!r} is neither a training workdir nor an imported "
-                                "checkpoint (no model_config.json); import a Hugging Face "
-                                "folder with `python -m conversion import HF_DIR OUT_DIR`")
-    cfg = ModelConfig.from_dict(json.loads(paths.read_bytes(cfg_path)))
+    if mesh is not None and target is None:
+        cfg = _model_config(path)
+        shapes = model_params_shapes(path)
+        shardings = stored_shardings(cfg, shapes, mesh)
+        cfg, params, tok_dir = load_model(path, sharded_target(shapes, shardings))
+        return cfg, jax.device_put(params, shardings), tok_dir  # LoRA-merged: re-placed
+    cfg = _model_config(path)
     if paths.isdir(paths.join(path, "params")):
         return cfg, load_params(paths.join(path, "params"), target), path
     ckpt = _workdir_ckpt(path)
@@ -285,14 +325,15 @@ def load_model(path: str, target: Any | None = None) -> tuple[ModelConfig, Any, 
     return cfg, params, tok_dir if paths.isdir(tok_dir) else path
 
 
-def load_for_inference(path: str) -> tuple[ModelConfig, Any, Any]:
-    """(cfg, params, tokenizer) of an import folder or a training workdir. Hugging Face
-    folders are converted by the command lines (`jaxdyn.cli`), or once with
-    `python -m conversion import HF_DIR OUT_DIR`."""
+def load_for_inference(path: str, mesh: jax.sharding.Mesh | None = None
+                       ) -> tuple[ModelConfig, Any, Any]:
+    """(cfg, params, tokenizer) of an import folder or a training workdir, the params sharded
+    over `mesh` by the rules table when one is given. Hugging Face folders are converted by
+    the command lines (`jaxdyn.cli`), or once with `python -m conversion import HF_DIR OUT_DIR`."""
     if paths.exists(paths.join(path, "config.json")) and not paths.exists(
             paths.join(path, "model_config.json")):
         raise FileNotFoundError(f"{path!r} looks like a Hugging Face folder; convert it with "
                                 "`python -m conversion import HF_DIR OUT_DIR` (the jaxdyn "
                                 "commands do this on the fly)")
-    cfg, params, tok_dir = load_model(path)
+    cfg, params, tok_dir = load_model(path, mesh=mesh)
     return cfg, params, load_tokenizer(tok_dir)

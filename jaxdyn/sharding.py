@@ -17,7 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -141,6 +141,37 @@ def shard_params(params: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(
         x.shape, s, lambda idx: np.asarray(x[idx])) if isinstance(x, np.ndarray)
         else jax.device_put(x, s), params, shardings)
+
+
+def batch_multiple(mesh: Mesh) -> int:
+    """How many ways the `batch` rule splits a batch on `mesh` (rows are padded to a multiple)."""
+    return _axis_size(mesh, dict(RULES)["batch"])
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+    """The mesh a tree of arrays is placed on (their `NamedSharding`s), or None (host arrays,
+    single-device placement)."""
+    for x in jax.tree.leaves(tree):
+        sh = getattr(x, "sharding", None)
+        if isinstance(sh, NamedSharding):
+            return sh.mesh
+    return None
+
+
+def put_global(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host array every process holds whole (each device gets its
+    slice; multi-host safe). Device arrays are resharded with `device_put`."""
+    if isinstance(x, jax.Array):
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a global array on the host, also where it spans processes."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def rules_context():

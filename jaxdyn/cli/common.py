@@ -1,5 +1,5 @@
-"""Pieces shared by the commands: one-line user errors (`cli_main`), loading any checkpoint,
-reading prompts.
+"""Pieces shared by the commands: one-line user errors (`cli_main`), loading any checkpoint
+(optionally sharded over a device mesh: `add_mesh_args`, `mesh_from_args`), reading prompts.
 
 User errors (a `ValueError` jaxdyn defines or raises, a missing file, a refused permission, a
 `SystemExit("message")`) print one line `error: <message>` on stderr and exit with status 2, no
@@ -9,6 +9,8 @@ traceback of user errors too.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -16,11 +18,15 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
 
+import jax
+
 import conversion
 import jaxdyn
-from jaxdyn.checkpoint import load_model
+from jaxdyn import sharding
+from jaxdyn.checkpoint import load_model, stored_shardings
 from jaxdyn.config import paths
 from jaxdyn.data.tokenizer import load_tokenizer
+from jaxdyn.train.schema import MeshConfig
 
 F = TypeVar("F", bound=Callable)
 # Always user errors: the environment or the files are not as the command needs them.
@@ -91,10 +97,59 @@ def cli_main(fn: F) -> F:
     return main  # type: ignore[return-value]
 
 
-def load_for_inference(path: str):
+MESH_KEYS = tuple(f.name for f in dataclasses.fields(MeshConfig))
+MESH_HELP = ("device mesh for inference, the trainer's `mesh` block: KEY=N pairs among "
+             f"{', '.join(MESH_KEYS)} (one size may be -1: the remaining devices), e.g. "
+             "data=2,fsdp=2,tensor=2; or --mesh.KEY=N. Parameters are sharded by the training "
+             "rules (fsdp, tensor), batches and KV caches over data x fsdp. Default: the "
+             "trainer's, every device on the data axis (parameters replicated)")
+
+
+def add_mesh_args(ap: argparse.ArgumentParser) -> None:
+    """`--mesh data=2,fsdp=2,tensor=2` and `--mesh.KEY=N` (the trainer's `mesh` keys)."""
+    ap.add_argument("--mesh", metavar="KEY=N[,KEY=N...]", help=MESH_HELP)
+    for k in MESH_KEYS:
+        ap.add_argument(f"--mesh.{k}", dest=f"mesh_{k}", type=int, metavar="N",
+                        help=argparse.SUPPRESS)
+
+
+def mesh_given(args: argparse.Namespace) -> bool:
+    return args.mesh is not None or any(getattr(args, f"mesh_{k}") is not None
+                                        for k in MESH_KEYS)
+
+
+def mesh_from_args(args: argparse.Namespace) -> jax.sharding.Mesh:
+    """The mesh of `--mesh`/`--mesh.KEY` over the trainer's defaults (`MeshConfig`)."""
+    sizes = dataclasses.asdict(MeshConfig())
+    for item in filter(None, (args.mesh or "").replace(" ", "").split(",")):
+        key, eq, value = item.partition("=")
+        if key not in sizes or not eq:
+            raise SystemExit(f"--mesh {args.mesh!r}: {item!r} is not KEY=N with KEY one of "
+                             f"{', '.join(MESH_KEYS)}")
+        try:
+            sizes[key] = int(value)
+        except ValueError:
+            raise SystemExit(f"--mesh {args.mesh!r}: {key}={value!r} is not an integer") from None
+    for k in MESH_KEYS:
+        if getattr(args, f"mesh_{k}") is not None:
+            sizes[k] = getattr(args, f"mesh_{k}")
+    for k, v in sizes.items():
+        if v == 0 or v < -1 or (k.startswith("dcn_") and v < 1):
+            raise SystemExit(f"--mesh: {k}={v} must be a positive size"
+                             + ("" if k.startswith("dcn_") else " or -1"))
+    try:
+        return sharding.make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"],
+                                  dcn=tuple(sizes[f"dcn_{a}"] for a in sharding.MESH_AXES))
+    except ValueError as e:
+        raise SystemExit(f"--mesh: {e}") from None
+
+
+def load_for_inference(path: str, mesh: jax.sharding.Mesh | None = None):
     """(cfg, params, tokenizer) from a Hugging Face folder (converted on the fly), a
     `python -m conversion import` output, or a training workdir; the last two may be on an
-    object store (`gs://…`, `s3://…`)."""
+    object store (`gs://…`, `s3://…`). With a `mesh` the parameters are placed in their
+    rules-table shardings (imports and workdirs are read shard by shard, no full copy on any
+    device; a converted folder is placed from host memory)."""
     paths.check_store(path, "checkpoint folder")
     if not paths.isdir(path):
         raise FileNotFoundError(f"checkpoint folder {path!r} does not exist")
@@ -104,8 +159,10 @@ def load_for_inference(path: str):
             raise FileNotFoundError(f"{path!r} looks like a Hugging Face folder on an object "
                                     "store; copy it locally (conversion reads local folders)")
         cfg, params = conversion.from_hf(path)
+        if mesh is not None:
+            params = sharding.shard_params(params, stored_shardings(cfg, params, mesh))
         return cfg, params, load_tokenizer(path)
-    cfg, params, tok_dir = load_model(path)
+    cfg, params, tok_dir = load_model(path, mesh=mesh)
     return cfg, params, load_tokenizer(tok_dir)
 
 

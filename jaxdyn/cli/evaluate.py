@@ -6,6 +6,10 @@ lm-evaluation-harness tasks (`--tasks`).
     python -m jaxdyn.evaluate --checkpoint imports/qwen2.5-0.5b \
         --data hub:wikitext:wikitext-2-raw-v1 --split validation --max_batches 50
     python -m jaxdyn.evaluate --checkpoint runs/std --tasks arc_easy --limit 20
+    python -m jaxdyn.evaluate --checkpoint imports/big --mesh data=2,fsdp=2,tensor=2
+
+The model runs on a device mesh (--mesh, the trainer's `mesh` block; default every device on
+the data axis): parameters sharded by the training rules, batches over data x fsdp.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from jaxdyn.cli.common import cli_main, load_for_inference
+from jaxdyn.cli.common import add_mesh_args, cli_main, load_for_inference, mesh_from_args
 from jaxdyn.config import paths
 from jaxdyn.data import DataConfigError, DataSourceNotFoundError, EmptyDatasetError
 from jaxdyn.evaluate.lm_eval import run_tasks
@@ -42,6 +46,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="routed models: top-k over the sequence (as in training) or the "
                          "causal router (as in generation)")
     ap.add_argument("--out", help="also write the results as JSON here")
+    add_mesh_args(ap)
     lm = ap.add_argument_group("lm-evaluation-harness tasks instead of perplexity "
                                '(pip install -e ".[eval]")')
     lm.add_argument("--tasks", help="comma-separated lm_eval task names")
@@ -51,14 +56,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     lm.add_argument("--include_path", help="folder of extra task YAMLs")
     args = ap.parse_args(argv)
 
+    mesh = mesh_from_args(args)
     try:
-        cfg, params, tok = load_for_inference(args.checkpoint)
+        cfg, params, tok = load_for_inference(args.checkpoint, mesh)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: cannot load --checkpoint {args.checkpoint!r}: {e}") from None
     if args.tasks:
         res = run_tasks(cfg, params, tok, args.tasks.split(","), batch_size=args.batch_size,
                         max_length=args.max_length, num_fewshot=args.num_fewshot,
-                        limit=args.limit, include_path=args.include_path)
+                        limit=args.limit, include_path=args.include_path, mesh=mesh)
         return write_json(res, args.out, default=str)
     if args.seq_len > cfg.max_position_embeddings:
         raise SystemExit(f"error: --seq_len {args.seq_len} exceeds the model's context of "
@@ -70,10 +76,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (DataConfigError, DataSourceNotFoundError, EmptyDatasetError, ValueError) as e:
         raise SystemExit(f"error: --data {args.data!r}: {e}") from None
     res = evaluate(cfg, params, corpus.batches, routing_mode=args.routing_mode,
-                   bytes_per_target=corpus.bytes_per_target)
+                   bytes_per_target=corpus.bytes_per_target, mesh=mesh)
     res = {"checkpoint": args.checkpoint, "data": args.data,
            "split": args.split or ("validation" if args.data == "builtin" else "all"),
            "documents": corpus.documents, "family": cfg.family, "arch": cfg.arch,
+           "mesh": dict(mesh.shape),
            **({"routing_mode": args.routing_mode} if cfg.arch != "dense" else {}), **res}
     write_json(res, args.out)
     print(f"[ppl {res['ppl']:.3f}, {res.get('bits_per_byte', float('nan')):.4f} bits/byte over "

@@ -10,7 +10,14 @@ import math
 import sys
 from collections.abc import Sequence
 
-from jaxdyn.cli.common import cli_main, load_for_inference, read_prompts
+from jaxdyn.cli.common import (
+    add_mesh_args,
+    cli_main,
+    load_for_inference,
+    mesh_from_args,
+    mesh_given,
+    read_prompts,
+)
 from jaxdyn.config import paths
 from jaxdyn.decode.generate import generate, truncate_at_stop
 from jaxdyn.decode.sampling import LIMITS, SamplingConfig, sampling_errors
@@ -194,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time", help="YYYY-MM-DD date for a temporal-adapter checkpoint")
     ap.add_argument("--graph", help="causal graph JSON (temporal record schema) for it")
+    add_mesh_args(ap)  # --mode plain shards over it; the other modes run on one device
     args = ap.parse_args(argv)
     check_flags(args)
     fill_sampling_defaults(args)
@@ -201,8 +209,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         return temporal(args)
 
     texts = read_prompts(args.prompt, args.prompts)
+    if args.mode != "plain" and mesh_given(args):
+        raise SystemExit(f"--mesh applies to --mode plain; --mode {args.mode} decodes on one "
+                         "device (drop --mesh)")
+    mesh = mesh_from_args(args) if args.mode == "plain" else None
     try:
-        cfg, params, tok = load_for_inference(args.checkpoint)
+        cfg, params, tok = load_for_inference(args.checkpoint, mesh)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: cannot load --checkpoint {args.checkpoint!r}: {e}") from None
     prompts = [tok.encode(t) for t in texts]

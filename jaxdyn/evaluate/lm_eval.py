@@ -16,6 +16,11 @@ greedily (or samples) with `jaxdyn.decode.generate` and cuts at the stop strings
 jitted forward per right-padded batch; routed models (MoD, DTF) use their causal routers, as in
 generation, so no score sees future tokens. `JaxdynLM` wraps the scorer as an `lm_eval` LM.
 
+A `mesh` (or `data=`, `fsdp=`, `tensor=` model args) shards the model as training does: the
+checkpoint is read straight into its rules-table shardings, each scoring batch is split over
+the `batch` rule's axes (data x fsdp; `batch_size` is rounded up to a multiple of their size)
+and generation runs on the same mesh (`jaxdyn.decode.generate`).
+
 Dimension legend: B batch, T padded length, V vocab.
 """
 
@@ -27,15 +32,17 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from jaxdyn import sharding
 from jaxdyn.checkpoint import load_for_inference
-from jaxdyn.decode.generate import generate, truncate_at_stop
+from jaxdyn.decode.generate import generate, place_params, truncate_at_stop, trunk_shardings
 from jaxdyn.decode.sampling import SamplingConfig
 from jaxdyn.model import ModelConfig, build
 
 
 @functools.lru_cache(maxsize=8)
-def _score_fn(cfg: ModelConfig):
+def _score_fn(cfg: ModelConfig, mesh: Mesh | None = None):
     """Jitted (tokens [B, T], targets [B, T]) -> (target log-prob, target is arg-max)."""
     model = build(cfg, routing_mode="causal")
 
@@ -46,20 +53,30 @@ def _score_fn(cfg: ModelConfig):
         lp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], -1)[..., 0]
         return lp_BT, jnp.argmax(out.logits, -1) == targets_BT
 
-    return jax.jit(fn)
+    if mesh is None:
+        return jax.jit(fn)
+    rows = sharding.batch_sharding(mesh)
+    return jax.jit(fn, in_shardings=(trunk_shardings(cfg, mesh), rows, rows, rows),
+                   out_shardings=rows)
 
 
 class JaxdynScorer:
-    """Log-likelihoods and generations of a jaxdyn checkpoint (workdir, import or HF folder),
-    or of an in-memory (cfg, params, tokenizer)."""
+    """Log-likelihoods and generations of a jaxdyn checkpoint (workdir or import folder), or
+    of an in-memory (cfg, params, tokenizer); sharded over `mesh` when one is given (default:
+    the mesh the params are placed on, if any)."""
 
     def __init__(self, checkpoint: str | None = None, *, cfg: ModelConfig | None = None,
                  params=None, tokenizer=None, batch_size: int = 8, max_length: int | None = None,
-                 bucket: int = 32):
+                 bucket: int = 32, mesh: Mesh | None = None):
         if checkpoint is not None:
-            cfg, params, tokenizer = load_for_inference(checkpoint)
+            cfg, params, tokenizer = load_for_inference(checkpoint, mesh)
         if cfg is None or params is None or tokenizer is None:
             raise ValueError("give checkpoint=DIR, or cfg, params and tokenizer")
+        self.mesh = mesh if mesh is not None else sharding.mesh_of(params)
+        if self.mesh is not None:
+            params = place_params(cfg, params, self.mesh)
+            batch_size = -(-int(batch_size) // sharding.batch_multiple(self.mesh)) * \
+                sharding.batch_multiple(self.mesh)
         self.cfg, self.params, self.tok = cfg, params, tokenizer
         self.batch_size, self.bucket = int(batch_size), int(bucket)
         self.max_length = int(max_length or cfg.max_position_embeddings)
@@ -85,7 +102,7 @@ class JaxdynScorer:
                      ) -> list[tuple[float, bool]]:
         """(Σ log p(continuation | context), continuation is the greedy one) per pair; the
         input is truncated from the left to `max_length` tokens."""
-        fn = _score_fn(self.cfg)
+        fn = _score_fn(self.cfg, self.mesh)
         rows = []
         for ctx, cont in pairs:
             if not cont:
@@ -105,12 +122,20 @@ class JaxdynScorer:
             for r, i in enumerate(idx):
                 inp, tgt, _ = rows[i]
                 tokens[r, :len(inp)], targets[r, :len(tgt)], valid[r, :len(inp)] = inp, tgt, True
-            lp, greedy = jax.device_get(fn(self.params, tokens, targets, valid))
+            lp, greedy = self._run(fn, tokens, targets, valid)
             for r, i in enumerate(idx):
                 n_in, n_cont = len(rows[i][0]), min(rows[i][2], len(rows[i][0]))
                 sl = slice(n_in - n_cont, n_in)
                 out[i] = (float(np.sum(lp[r, sl], dtype=np.float64)), bool(np.all(greedy[r, sl])))
         return out
+
+    def _run(self, fn, *batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.mesh is None:
+            return jax.device_get(fn(self.params, *batch))
+        rows = sharding.batch_sharding(self.mesh)
+        with jax.set_mesh(self.mesh), sharding.rules_context():
+            out = fn(self.params, *(sharding.put_global(x, rows) for x in batch))
+        return tuple(sharding.to_host(x) for x in out)
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         return self.score_tokens([self.encode_pair(c, x) for c, x in requests])
@@ -142,7 +167,7 @@ class JaxdynScorer:
             ids = ids[-max(self.max_length - max_new, 1):]
             res = generate(self.cfg, self.params, [ids], max_new,
                            SamplingConfig(temperature=temp), seed=int(kw.get("seed", 0)),
-                           eos_id=self.tok.eos_id)
+                           eos_id=self.tok.eos_id, mesh=self.mesh)
             new = [t for t in res.tokens[0] if t != self.tok.eos_id]
             outs.append(truncate_at_stop(self.tok.decode(new), until)[0])
         return outs
@@ -159,16 +184,23 @@ def _lm_class():
 
     @register_model("jaxdyn")
     class JaxdynLM(LM):
-        """`lm_eval --model jaxdyn --model_args checkpoint=DIR,batch_size=8,max_length=2048`."""
+        """`lm_eval --model jaxdyn --model_args checkpoint=DIR,batch_size=8,max_length=2048`;
+        add `data=…,fsdp=…,tensor=…` to shard over a mesh of every device (`make_mesh`:
+        one of them may be -1; default data=-1, fsdp=1, tensor=1 when any is given)."""
 
         def __init__(self, checkpoint: str | None = None, batch_size: int | str = 8,
                      max_length: int | str | None = None, scorer: JaxdynScorer | None = None,
-                     **_ignored):
+                     data: int | str | None = None, fsdp: int | str | None = None,
+                     tensor: int | str | None = None, **_ignored):
             super().__init__()
             bs = 8 if str(batch_size).startswith("auto") else int(batch_size)
+            mesh = None
+            if (data, fsdp, tensor) != (None, None, None):
+                mesh = sharding.make_mesh(int(-1 if data is None else data), int(fsdp or 1),
+                                          int(tensor or 1))
             self.scorer = scorer or JaxdynScorer(
                 checkpoint, batch_size=bs, max_length=None if max_length is None
-                else int(max_length))
+                else int(max_length), mesh=mesh)
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             return self.scorer.loglikelihood([r.args for r in requests])
@@ -192,13 +224,15 @@ def __getattr__(name: str):  # `from jaxdyn.evaluate.lm_eval import JaxdynLM` re
 
 def run_tasks(cfg: ModelConfig, params, tokenizer, tasks: Sequence[str], *, batch_size: int = 8,
               max_length: int | None = None, num_fewshot: int | None = None,
-              limit: float | None = None, include_path: str | None = None) -> dict:
-    """lm-evaluation-harness results (`results` of `simple_evaluate`) of a loaded model."""
+              limit: float | None = None, include_path: str | None = None,
+              mesh: Mesh | None = None) -> dict:
+    """lm-evaluation-harness results (`results` of `simple_evaluate`) of a loaded model
+    (sharded over `mesh`, default the one the params are placed on)."""
     import lm_eval  # optional dependency: pip install -e ".[eval]"
     from lm_eval.tasks import TaskManager
 
     scorer = JaxdynScorer(cfg=cfg, params=params, tokenizer=tokenizer, batch_size=batch_size,
-                          max_length=max_length)
+                          max_length=max_length, mesh=mesh)
     lm = __getattr__("JaxdynLM")(scorer=scorer)
     res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot,
                                   limit=limit, task_manager=TaskManager(include_path=include_path),

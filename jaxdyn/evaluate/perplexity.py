@@ -16,6 +16,11 @@ Routed models (MoD, DTF) also report each routed unit's selected fraction (`rout
 selected_frac`, token-weighted) under the chosen router (`--routing_mode`). Multi-token
 checkpoints report PPL_i per head and PPL_{1:n} (docs/features/multitoken.md).
 
+On a mesh (`evaluate(..., mesh=)`, or the one the params are placed on) the forward is jitted
+with the parameters in their rules-table shardings (as in training; multi-token heads too) and
+each batch split over the `batch` rule's axes (data x fsdp), padded with empty rows (segment 0,
+no targets) to a multiple of their size; the sums are the same as on one device.
+
 Dimension legend: n heads, B batch, T length, V vocab.
 """
 
@@ -29,12 +34,14 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from jaxdyn import sharding
 from jaxdyn.data import DataConfig, PackedIterator, load_documents, tokenize_documents
-from jaxdyn.model import ModelConfig, build
+from jaxdyn.model import ModelConfig, build, param_shardings
 from jaxdyn.model.loss import chunked_cross_entropy, shifted_targets
 from jaxdyn.model.units import flatten_aux
-from jaxdyn.multitoken.heads import all_hidden, heads_of, multitoken_model
+from jaxdyn.multitoken.heads import ExtraHeads, all_hidden, heads_of, multitoken_model
 
 SPLITS = ("validation", "train", "all")
 
@@ -68,7 +75,15 @@ def load_corpus(tok, source: str = "builtin", split: str | None = None, *, seq_l
 
 
 @functools.lru_cache(maxsize=8)
-def _sums_fn(cfg: ModelConfig, routing_mode: str, n_heads: int, head_depth: int, chunk: int):
+def eval_param_shardings(cfg: ModelConfig, n_heads: int, head_depth: int, mesh: Mesh) -> dict:
+    """Rules-table shardings of the evaluated model's parameters (with heads 2..n)."""
+    heads = ExtraHeads(n_heads, head_depth) if n_heads > 1 else None
+    return param_shardings(cfg, mesh, heads=heads)
+
+
+@functools.lru_cache(maxsize=8)
+def _sums_fn(cfg: ModelConfig, routing_mode: str, n_heads: int, head_depth: int, chunk: int,
+             mesh: Mesh | None = None):
     """Jitted batch -> (nll sums [n], target counts [n], joint nll over V_n, aux)."""
     if n_heads > 1:
         model = multitoken_model(cfg, n_heads, head_depth)
@@ -96,20 +111,47 @@ def _sums_fn(cfg: ModelConfig, routing_mode: str, n_heads: int, head_depth: int,
                 joint = joint + nll_n * m_n["tokens"]
         return jnp.stack(sums), jnp.stack(counts), joint, out.aux
 
-    return jax.jit(fn)
+    if mesh is None:
+        return jax.jit(fn)
+    p_sh = eval_param_shardings(cfg, n_heads, head_depth, mesh)
+    return jax.jit(fn, in_shardings=(p_sh, sharding.batch_sharding(mesh)),
+                   out_shardings=sharding.replicated(mesh))
+
+
+def _pad_rows(batch: dict, multiple: int) -> dict:
+    """Empty rows (segment 0: no targets) appended up to a multiple of `multiple` rows."""
+    extra = -len(batch["tokens"]) % multiple
+    if not extra:
+        return batch
+    return {k: np.concatenate([np.asarray(v), np.zeros((extra, *np.shape(v)[1:]),
+                                                        np.asarray(v).dtype)])
+            for k, v in batch.items()}
 
 
 def evaluate(cfg: ModelConfig, params, batches: Sequence[dict], *, routing_mode: str = "topk",
-             bytes_per_target: float | None = None, chunk: int = 1024) -> dict[str, float]:
+             bytes_per_target: float | None = None, chunk: int = 1024,
+             mesh: Mesh | None = None) -> dict[str, float]:
     """`nll` (mean nats per target), `ppl`, `tokens` (targets), `bits_per_byte`; routed:
-    `router/...` metrics weighted by targets; multi-token: `mtp/ppl_i`, `mtp/ppl_1:n`."""
+    `router/...` metrics weighted by targets; multi-token: `mtp/ppl_i`, `mtp/ppl_1:n`.
+    `mesh`: shard over it (default: the mesh the params are placed on, if any)."""
     if not batches:
         raise ValueError("no evaluation batches: the data source gave no documents")
     n, depth = heads_of(params) if cfg.arch == "dense" else (1, 1)
-    fn = _sums_fn(cfg, routing_mode, n, depth, chunk)
+    mesh = mesh if mesh is not None else sharding.mesh_of(params)
+    fn = _sums_fn(cfg, routing_mode, n, depth, chunk, mesh)
+    if mesh is not None:
+        p_sh = eval_param_shardings(cfg, n, depth, mesh)
+        params = jax.device_put({k: params[k] for k in p_sh}, p_sh)
     sums, counts, joint, aux_acc, weight = np.zeros(n), np.zeros(n), 0.0, {}, 0.0
     for b in batches:
-        s, c, j, aux = jax.device_get(fn(params, b))
+        if mesh is not None:
+            rows = sharding.batch_sharding(mesh)
+            b = {k: sharding.put_global(v, rows)
+                 for k, v in _pad_rows(b, sharding.batch_multiple(mesh)).items()}
+            with jax.set_mesh(mesh), sharding.rules_context():
+                s, c, j, aux = jax.device_get(fn(params, b))
+        else:
+            s, c, j, aux = jax.device_get(fn(params, b))
         sums, counts, joint = sums + s, counts + c, joint + float(j)
         w = float(c[0])
         for k, v in flatten_aux(aux).items():

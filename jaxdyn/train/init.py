@@ -14,7 +14,13 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from jaxdyn.checkpoint import load_model, load_params, model_params_shapes, params_shapes
+from jaxdyn.checkpoint import (
+    load_model,
+    load_params,
+    model_params_shapes,
+    params_shapes,
+    sharded_target,
+)
 from jaxdyn.model import (
     ModelConfig,
     dense_to_routed,
@@ -49,11 +55,6 @@ def _source(path: str) -> tuple[ModelConfig, Any, Any]:
             lambda target=None: load_params(os.path.join(path, "params"), target)
     return icfg, model_params_shapes(path), \
         lambda target=None: load_model(path, target=target)[1]
-
-
-def _sharded_target(shapes: Any, dtype, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype, sharding=s),
-                        shapes, shardings)
 
 
 def check_init_checkpoint(cfg: mlc.ConfigDict) -> None:
@@ -119,10 +120,10 @@ def load_trunk(cfg: mlc.ConfigDict, rng: jax.Array, mesh) -> tuple[Any, list[str
                                       "shapes differ from the configured model's")
     dtype = jnp.dtype(mcfg.param_dtype)
     if shape_of(shapes) == shape_of(want):  # same layer layout: read shards in place
-        params = trunk(load(_sharded_target(shapes, dtype, p_sh)))
+        params = trunk(load(sharded_target(shapes, p_sh, dtype)))
     else:  # other layout: read in the stored layout's shardings, relayout on the devices
         stored = mcfg.replace(scan_layers=not mcfg.scan_layers)
-        raw = trunk(load(_sharded_target(shapes, dtype, param_shardings(stored, mesh))))
+        raw = trunk(load(sharded_target(shapes, param_shardings(stored, mesh), dtype)))
         with jax.set_mesh(mesh):
             params = jax.jit(relayout, out_shardings=p_sh)(raw)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
