@@ -57,9 +57,10 @@ def get_config(preset: str = "cpu") -> mlc.ConfigDict:
         warmup_frac=0.01,
         lr_groups=dict(dense=(), mod=MOD_GROUPS, dtf=DTF_GROUPS),
         no_decay=dict(dense=(), mod=("router/w",), dtf=(GATE_SCALARS,)),
-        # From-scratch control: the same arms and tokens from random weights at the
-        # pretraining recipe's LR (no groups).
-        from_scratch=True,
+        # From-scratch control: these arms for the same tokens from random weights at the
+        # pretraining recipe's LR (no groups); () = none. γ = 0.5 only in the cpu study, to
+        # keep it within the hour.
+        scratch_arms=("dense", "mod@0.5", "dtf@0.5"),
         scratch_lr=3e-3,
         scratch_warmup=20 if cpu else 1,
     ))

@@ -5,9 +5,12 @@
 Every stage goes through the one trainer: pretrain one dense model (`<out>/pretrain`), then for
 each seed continue every arm of `experiment.arms` from that checkpoint (`<out>/transfer/<arm>-s
 <seed>`: a dense → MoD/DTF transfer, docs/features/routing.md) and, as a control, train the
-same arms from scratch for the same tokens (`<out>/scratch/…`). Each run reports top-k and
-causal-router validation loss (the routed model as it generates: whether token t is processed
-is decided from tokens ≤ t only; top-k loss can see later tokens' router scores).
+arms of `experiment.scratch_arms` from scratch for the same tokens (`<out>/scratch/…`). A run
+whose workdir holds `study_run.json` (written when it finished) is not trained again, so an
+interrupted study continues where it stopped when rerun with the same `--out`. Each run
+reports top-k and causal-router validation loss (the routed model as it generates: whether
+token t is processed is decided from tokens ≤ t only; top-k loss can see later tokens' router
+scores).
 
 Writes `results.json` (every run's curves), `results.md` (mean ± std over seeds, FLOPs,
 equal-FLOP comparison, one verdict per thesis claim) and `val_loss_vs_flops.png`.
@@ -49,7 +52,7 @@ class StudyConfig:
     warmup_frac: float
     lr_groups: dict
     no_decay: dict
-    from_scratch: bool
+    scratch_arms: tuple[str, ...]
     scratch_lr: float
     scratch_warmup: int
 
@@ -62,8 +65,9 @@ class StudyConfig:
             raise ConfigKeyError(f"experiment block: unknown keys {bad}, missing {missing}"
                                         " (see configs/transfer.py)")
         d["arms"], d["seeds"] = tuple(d["arms"]), tuple(int(s) for s in d["seeds"])
+        d["scratch_arms"] = tuple(d["scratch_arms"])
         out = cls(**d)
-        for arm in out.arms:
+        for arm in (*out.arms, *out.scratch_arms):
             parse_arm(arm)
         if not out.seeds or out.steps < 1 or out.pretrain_steps < 1:
             raise ConfigValueError("experiment: need >= 1 seed, steps and pretrain_steps")
@@ -129,14 +133,23 @@ def _curves(workdir: str) -> dict[str, list]:
 
 
 def run_one(cfg: mlc.ConfigDict, workdir: str) -> dict:
+    """Train one run (unless `<workdir>/study_run.json` says it finished) and summarise it."""
+    done = os.path.join(workdir, "study_run.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
     t0 = time.perf_counter()
     train_and_evaluate(cfg, workdir)
     mcfg = schema.model_config(cfg)
     per_tok = flops.train_flops_per_token(mcfg, cfg.train.seq_len)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    return {**_curves(workdir), "flops_per_step": per_tok["model"] * tokens_per_step,
-            "flop_ratio": per_tok["model"] / per_tok["dense_equivalent"],
-            "seconds": time.perf_counter() - t0}
+    row = {**_curves(workdir), "flops_per_step": per_tok["model"] * tokens_per_step,
+           "flop_ratio": per_tok["model"] / per_tok["dense_equivalent"],
+           "seconds": time.perf_counter() - t0}
+    with open(done + ".tmp", "w") as f:
+        json.dump(row, f)
+    os.replace(done + ".tmp", done)  # written last: its presence means the run finished
+    return row
 
 
 def run_study(base: mlc.ConfigDict, out: str) -> dict:
@@ -150,17 +163,19 @@ def run_study(base: mlc.ConfigDict, out: str) -> dict:
     t0 = time.perf_counter()
     pre_dir = os.path.join(out, "pretrain")
     results: dict = {"pretrain": run_one(pretrain_config(base, study), pre_dir), "runs": []}
-    variants = [("transfer", pre_dir)] + ([("scratch", "")] if study.from_scratch else [])
+    variants = [("transfer", pre_dir, study.arms), ("scratch", "", study.scratch_arms)]
     for seed in study.seeds:  # seeds outermost: a partial study still has whole seeds
-        for variant, init in variants:
-            for arm in study.arms:
+        for variant, init, arms in variants:
+            for arm in arms:
                 wd = os.path.join(out, variant, f"{arm.replace('@', '-')}-s{seed}")
                 row = run_one(arm_config(base, study, arm, seed, init), wd)
                 results["runs"].append({"variant": variant, "arm": arm, "seed": seed, **row})
                 print(f"[transfer study] {variant} {arm} seed {seed}: causal "
                       f"{row['causal'][-1]:.4f} top-k {row['topk'][-1]:.4f} "
                       f"({row['seconds']:.0f} s)", flush=True)
-    results["seconds"] = time.perf_counter() - t0
+    results["seconds"] = time.perf_counter() - t0  # this invocation
+    results["run_seconds"] = results["pretrain"]["seconds"] + sum(r["seconds"]
+                                                                  for r in results["runs"])
     results["study"] = dataclasses.asdict(study)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -258,8 +273,8 @@ def _verdict_vs_dense(variant: str, arm: dict, dense: dict) -> str:
 def render(summary: dict, results: dict) -> str:
     s = results["study"]
     lines = [f"{len(s['seeds'])} seed(s) {list(s['seeds'])}; pretrain {s['pretrain_steps']} "
-             f"steps, then {s['steps']} steps per run; whole study "
-             f"{results['seconds'] / 60:.1f} min.", "",
+             f"steps, then {s['steps']} steps per run; training time of all runs "
+             f"{results['run_seconds'] / 60:.1f} min.", "",
              "| variant | arm | seeds | causal val loss | top-k val loss | train GFLOPs | "
              "FLOP ratio | dense at equal FLOPs |", "|---|---|---|---|---|---|---|---|"]
     for r in summary["rows"]:

@@ -80,7 +80,7 @@ def test_loss_at_flops_interpolates_in_flops():
 def test_tiny_study_end_to_end(tmp_path):
     """Pretrain → continue dense and DTF from the one checkpoint through the trainer (MoD
     goes the same way; three runs keep this under a minute)."""
-    cfg = schema.load(TINY, ["--config.experiment.from_scratch=false",
+    cfg = schema.load(TINY, ["--config.experiment.scratch_arms=()",
                              "--config.experiment.arms=('dense', 'dtf@0.5')"])
     res = transfer.run_study(cfg, str(tmp_path))
     assert [(r["variant"], r["arm"]) for r in res["runs"]] == [
