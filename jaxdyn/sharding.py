@@ -90,6 +90,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     return Mesh(arr, MESH_AXES, axis_types=auto)
 
 
+def mesh_devices(data: int, fsdp: int, tensor: int, dcn: Sequence[int] = (1, 1, 1)
+                 ) -> list[jax.Device]:
+    """The devices a mesh of these sizes uses: all when one size is -1, else the first
+    data·fsdp·tensor (times the dcn counts), as the trainer's `mesh` block documents."""
+    if -1 in (data, fsdp, tensor):
+        return list(jax.devices())
+    return list(jax.devices())[:math.prod((data, fsdp, tensor)) * math.prod(dcn)]
+
+
 def mesh_from_config(m: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """`make_mesh` from a config's `mesh` block (data, fsdp, tensor and optional dcn_*)."""
     dcn = tuple(int(m.get(f"dcn_{a}", 1)) for a in MESH_AXES)

@@ -100,7 +100,8 @@ def cli_main(fn: F) -> F:
 MESH_KEYS = tuple(f.name for f in dataclasses.fields(MeshConfig))
 MESH_HELP = ("device mesh for inference, the trainer's `mesh` block: KEY=N pairs among "
              f"{', '.join(MESH_KEYS)} (one size may be -1: the remaining devices), e.g. "
-             "data=2,fsdp=2,tensor=2; or --mesh.KEY=N. Parameters are sharded by the training "
+             "data=2,fsdp=2,tensor=2; or --mesh.KEY=N. Without -1 the first "
+             "data*fsdp*tensor devices are used. Parameters are sharded by the training "
              "rules (fsdp, tensor), batches and KV caches over data x fsdp. Default: the "
              "trainer's, every device on the data axis (parameters replicated)")
 
@@ -137,9 +138,10 @@ def mesh_from_args(args: argparse.Namespace) -> jax.sharding.Mesh:
         if v == 0 or v < -1 or (k.startswith("dcn_") and v < 1):
             raise SystemExit(f"--mesh: {k}={v} must be a positive size"
                              + ("" if k.startswith("dcn_") else " or -1"))
+    ici = (sizes["data"], sizes["fsdp"], sizes["tensor"])
+    dcn = tuple(sizes[f"dcn_{a}"] for a in sharding.MESH_AXES)
     try:
-        return sharding.make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"],
-                                  dcn=tuple(sizes[f"dcn_{a}"] for a in sharding.MESH_AXES))
+        return sharding.make_mesh(*ici, devices=sharding.mesh_devices(*ici, dcn), dcn=dcn)
     except ValueError as e:
         raise SystemExit(f"--mesh: {e}") from None
 

@@ -52,7 +52,7 @@ def one_device(arch):
     """(greedy tokens, evaluate() result, log-likelihoods) with no mesh."""
     cfg, params = model(arch)
     scorer = JaxdynScorer(cfg=cfg, params=params, tokenizer=byte_tokenizer(), batch_size=2,
-                          bucket=16)
+                          bucket=32)
     return (generate(cfg, params, PROMPTS, 8).tokens,
             evaluate(cfg, params, batches(), routing_mode="causal"),
             scorer.loglikelihood(REQUESTS))
@@ -88,7 +88,7 @@ def test_sharded_generate_evaluate_loglikelihood_equal_one_device(arch, mesh_nam
             want_eval["router/layer_0/selected_frac"], rel=1e-5)
 
     scorer = JaxdynScorer(cfg=cfg, params=params, tokenizer=byte_tokenizer(), batch_size=2,
-                          bucket=16, mesh=mesh)
+                          bucket=32, mesh=mesh)
     assert scorer.batch_size == 4  # rounded up to data x fsdp
     assert_sharded(scorer.params)
     ll = scorer.loglikelihood(REQUESTS)
@@ -130,9 +130,11 @@ def test_cli_mesh_options():
     assert dict(parse("--mesh", "data=2,fsdp=2,tensor=2").shape) == {
         "data": 2, "fsdp": 2, "tensor": 2}
     assert dict(parse("--mesh.fsdp=4").shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert parse("--mesh", "data=1,tensor=2").devices.size == 2  # the first 2 devices
     assert dict(parse("--mesh", "data=1,tensor=2", "--mesh.fsdp", "-1").shape) == {
         "data": 1, "fsdp": 4, "tensor": 2}
-    for bad, msg in ((("--mesh", "pipe=2"),  "not KEY=N"), (("--mesh", "fsdp=x"), "integer"),
-                     (("--mesh", "data=3"), "devices"), (("--mesh.tensor=0",), "positive")):
+    for bad, msg in ((("--mesh", "pipe=2"), "not KEY=N"), (("--mesh", "fsdp=x"), "integer"),
+                     (("--mesh", "data=3,fsdp=-1"), "devices"),
+                     (("--mesh", "data=16"), "devices"), (("--mesh.tensor=0",), "positive")):
         with pytest.raises(SystemExit, match=msg):
             parse(*bad)
