@@ -14,6 +14,9 @@ Suites (each a function `(preset, ctx) -> rows`, registered in `SUITES`):
 | data | grain pipeline tokens/s; peak RSS at 1× vs 10× corpus | `small` trainer's use |
 | attention | packed train step: peak memory and time, T = 1k…8k | `attention_impl="xla"` |
 | kernels | this backend's attention kernels: errors, leakage | `attention_impl="xla"` |
+| profile | a train step per op (embedding … optimizer), fwd, fwd+bwd | transformers modules |
+
+`profile` is a diagnostic, not a target: it is not part of "all" (`DIAGNOSTICS`).
 
 `run_suites(names, preset)` returns `(rows, meta)`; `jaxdyn.bench.common.write_results`
 writes JSON and the Markdown table. Presets (model shape and workload) come from
@@ -62,22 +65,27 @@ for _name, _module, _fn in (("forward", "forward", "run_forward"),
 
 ORDER = ("forward", "decode", "train", "routing", "multitoken", "scaling", "conversion", "data",
          "attention", "kernels")
+# Suites run only when named (not by "all"): diagnostics that take a target suite apart.
+DIAGNOSTICS: dict[str, SuiteFn] = {"profile": _lazy("profile", "run")}
 
 
 def run_suites(names: list[str], preset: str, profile: str | None = None,
                **options) -> tuple[list[dict], dict]:
     """Run `names` ("all" = every suite) on `preset`; (rows, meta). A failing suite yields
     one row naming the error, so the others still report. `options` reach the suites:
-    `device_counts` (scaling), `routing_variants` ((arch, capacity) pairs), `multitoken_dir`.
+    `device_counts` (scaling), `routing_variants` ((arch, capacity) pairs), `multitoken_dir`,
+    `xla_sweep` (profile: True for its candidate XLA_FLAGS sets, or a list of sets).
     A `train` suite run before `data` gives it the trainer's tokens/s of this run.
     Every suite runs under the measurement protocol (`jaxdyn.bench.protocol`): load and foreign
     CPU recorded, noisy rows not judged; `settle_s` (default 0 here, 45 s from the command
     line) waits for the previous suite's load to decay first."""
     if "all" in names:
         names = list(ORDER)
-    unknown = [n for n in names if n not in SUITES]
+    suites = {**SUITES, **DIAGNOSTICS}
+    unknown = [n for n in names if n not in suites]
     if unknown:
-        raise ValueError(f"unknown suite(s) {unknown}; choose from {list(ORDER)} or all")
+        raise ValueError(f"unknown suite(s) {unknown}; choose from "
+                         f"{[*ORDER, *DIAGNOSTICS]} or all")
     p = common.get_preset(preset)
     meta = {"preset": preset, "preset_shapes": p.model, "batch": p.batch, "seq_len": p.seq_len,
             "env": common.environment(), "peaks": common.peaks(common.compute_dtype(p)),
@@ -88,7 +96,7 @@ def run_suites(names: list[str], preset: str, profile: str | None = None,
         t0 = time.perf_counter()
         try:
             with protocol.Watch(ctx.get("settle_s", 0.0)) as watch:
-                new = SUITES[name](preset, ctx)
+                new = suites[name](preset, ctx)
             rows += protocol.judge(new, watch.facts())
             # The data suite compares against the trainer's consumption measured in this run.
             trainer = [r["tokens_per_s"] for r in new if r.get("suite") == "train"

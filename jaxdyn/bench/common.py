@@ -5,8 +5,10 @@ Every suite returns a list of *rows* (flat dicts). The fields every row may carr
 `suite`, `name`, `impl` (jaxdyn | torch | ...), `tokens_per_s`, `step_ms`, `mfu`,
 `peak_mem_bytes`, `ratio` (this row ÷ the reference row of the same run), `ref` (which row),
 `flop_ratio`, `target` (text), `meets_target` (bool or None), `notes`; timed comparisons
-add `spread` and `rounds`, and `jaxdyn.bench.protocol` adds `load_before`, `load_after`,
-`foreign_cpu`, `noisy` and `noise` to every row.
+add `spread` and `rounds`; the profile suite's per-op rows add `op`, `pass`, `jaxdyn_ms`,
+`torch_ms`, `per_step`, `share` and `torch_share` (jaxdyn/bench/profile.py); and
+`jaxdyn.bench.protocol` adds `load_before`, `load_after`, `foreign_cpu`, `noisy` and `noise`
+to every row.
 """
 
 from __future__ import annotations
@@ -259,11 +261,14 @@ def torch_available() -> bool:
 
 # ----------------------------------------------------------------------------- output
 
-COLUMNS = (("suite", "suite"), ("name", "name"), ("impl", "impl"),
-           ("tokens_per_s", "tokens/s"), ("step_ms", "step ms"), ("mfu", "MFU"),
+COLUMNS = (("suite", "suite"), ("name", "name"), ("impl", "impl"), ("op", "op"),
+           ("pass", "pass"), ("tokens_per_s", "tokens/s"), ("step_ms", "step ms"),
+           ("jaxdyn_ms", "jaxdyn ms"), ("torch_ms", "torch ms"), ("mfu", "MFU"),
            ("mfu_vendor", "MFU (vendor peak)"),
            ("peak_mem_bytes", "peak mem"), ("ratio", "ratio"), ("ref", "vs"),
-           ("flop_ratio", "FLOP ratio"), ("spread", "spread"), ("load_before", "load"),
+           ("per_step", "per step"), ("share", "share of step"),
+           ("torch_share", "torch share"), ("flop_ratio", "FLOP ratio"), ("spread", "spread"),
+           ("load_before", "load"),
            ("target", "target"), ("meets_target", "ok"), ("noise", "noisy because"),
            ("notes", "notes"))
 
@@ -275,7 +280,7 @@ def _fmt(key: str, v: Any) -> str:
         return "yes" if v else "NO"
     if key == "peak_mem_bytes":
         return f"{v / 2**20:,.0f} MiB"
-    if key in ("mfu", "mfu_vendor", "spread"):
+    if key in ("mfu", "mfu_vendor", "spread", "share", "torch_share"):
         return f"{100 * v:.1f}%"
     if isinstance(v, float):
         if not math.isfinite(v):
