@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from jaxdyn.config.errors import ConfigKeyError, ConfigValueError  # noqa: E402
 from jaxdyn.train import flops, schema  # noqa: E402
-from jaxdyn.train.loop import train_and_evaluate  # noqa: E402
+from jaxdyn.train.loop import NonFiniteLossError, train_and_evaluate  # noqa: E402
 from jaxdyn.train.metrics import read_metrics  # noqa: E402
 
 ARCHS = ("dense", "mod", "dtf")
@@ -139,13 +139,18 @@ def run_one(cfg: mlc.ConfigDict, workdir: str) -> dict:
         with open(done) as f:
             return json.load(f)
     t0 = time.perf_counter()
-    train_and_evaluate(cfg, workdir)
+    diverged = ""
+    try:
+        train_and_evaluate(cfg, workdir)
+    except NonFiniteLossError as e:  # a result, not a crash: reported beside the others
+        diverged = str(e).split(";")[0]
+        print(f"[transfer study] {workdir}: diverged ({diverged})", flush=True)
     mcfg = schema.model_config(cfg)
     per_tok = flops.train_flops_per_token(mcfg, cfg.train.seq_len)
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     row = {**_curves(workdir), "flops_per_step": per_tok["model"] * tokens_per_step,
            "flop_ratio": per_tok["model"] / per_tok["dense_equivalent"],
-           "seconds": time.perf_counter() - t0}
+           "seconds": time.perf_counter() - t0, "diverged": diverged}
     with open(done + ".tmp", "w") as f:
         json.dump(row, f)
     os.replace(done + ".tmp", done)  # written last: its presence means the run finished
@@ -170,9 +175,10 @@ def run_study(base: mlc.ConfigDict, out: str) -> dict:
                 wd = os.path.join(out, variant, f"{arm.replace('@', '-')}-s{seed}")
                 row = run_one(arm_config(base, study, arm, seed, init), wd)
                 results["runs"].append({"variant": variant, "arm": arm, "seed": seed, **row})
-                print(f"[transfer study] {variant} {arm} seed {seed}: causal "
-                      f"{row['causal'][-1]:.4f} top-k {row['topk'][-1]:.4f} "
-                      f"({row['seconds']:.0f} s)", flush=True)
+                if row["causal"]:
+                    print(f"[transfer study] {variant} {arm} seed {seed}: causal "
+                          f"{row['causal'][-1]:.4f} top-k {row['topk'][-1]:.4f} "
+                          f"({row['seconds']:.0f} s)", flush=True)
     results["seconds"] = time.perf_counter() - t0  # this invocation
     results["run_seconds"] = results["pretrain"]["seconds"] + sum(r["seconds"]
                                                                   for r in results["runs"])
@@ -199,8 +205,10 @@ def summarize(results: dict) -> dict:
     """Per (variant, arm): final causal/top-k loss mean ± std over seeds, FLOPs, the dense
     loss at the arm's FLOPs; and the verdicts."""
     table: dict = {}
+    diverged = [r for r in results["runs"] if r.get("diverged") or not r["causal"]]
     for r in results["runs"]:
-        table.setdefault((r["variant"], r["arm"]), []).append(r)
+        if r not in diverged:
+            table.setdefault((r["variant"], r["arm"]), []).append(r)
     rows = []
     for (variant, arm), runs in table.items():
         dense = {d["seed"]: d for d in table.get((variant, "dense"), [])}
@@ -228,6 +236,9 @@ def summarize(results: dict) -> dict:
             for arm in (mod, dtf):
                 if arm and (variant, "dense") in by:
                     verdicts.append(_verdict_vs_dense(variant, arm, by[(variant, "dense")]))
+    verdicts += [f"{r['variant']}, {r['arm']}, seed {r['seed']}: **diverged** "
+                 f"({r.get('diverged') or 'no validation point'}); left out of the means above."
+                 for r in diverged]
     return {"rows": rows, "verdicts": verdicts}
 
 
@@ -293,7 +304,10 @@ def plot(results: dict, path: str) -> None:
     for ax, variant in zip(axes[0], variants, strict=True):
         arms = dict.fromkeys(r["arm"] for r in results["runs"] if r["variant"] == variant)
         for i, arm in enumerate(arms):
-            runs = [r for r in results["runs"] if r["variant"] == variant and r["arm"] == arm]
+            runs = [r for r in results["runs"] if r["variant"] == variant and r["arm"] == arm
+                    and r["causal"] and not r.get("diverged")]
+            if not runs:
+                continue
             x = np.asarray(runs[0]["step"], float) * runs[0]["flops_per_step"] / 1e9
             for key, style in (("causal", "-"), ("topk", ":")):
                 y = np.mean([r[key] for r in runs], axis=0)

@@ -24,11 +24,13 @@ def test_arm_configs_carry_the_thesis_recipe():
     assert (dtf.model.arch, dtf.model.routing.capacity) == ("dtf", 0.125)
     assert (dtf.train.seed, dtf.train.steps, dtf.init.checkpoint) == (2, study.steps, "/ckpt")
     assert dtf.train.clip_norm == 0.0 and dtf.train.min_lr_ratio == 0.0
-    groups = dict(dtf.train.lr_groups)
-    assert groups["prior"] == 100.0 and groups["predictor/"] == 100.0
-    assert max(groups.values()) == 1000.0  # gate scalars
+    # The thesis's absolute LRs for new parameters: prior and causal routers 1e-3, gate
+    # scalars 1e-2; the MoD router at the base LR.
+    lr = {pat: dtf.train.lr * m for pat, m in dtf.train.lr_groups}
+    assert lr["prior"] == pytest.approx(1e-3) and lr["predictor/"] == pytest.approx(1e-3)
+    assert max(lr.values()) == pytest.approx(1e-2)  # gate scalars
     mod = transfer.arm_config(base, study, "mod@0.5", 0, "/ckpt")
-    assert dict(mod.train.lr_groups) == {"router/w": 1.0, "predictor/": 100.0}
+    assert dict(mod.train.lr_groups) == {"router/w": 1.0, "predictor/": 10.0}
     scratch = transfer.arm_config(base, study, "mod@0.5", 0, "")
     assert scratch.init.checkpoint == "" and scratch.train.lr_groups == ()
     assert scratch.train.lr == study.scratch_lr
@@ -68,6 +70,16 @@ def test_verdicts_follow_the_numbers():
     dtf_close = [_run("dtf@0.5", s, [4, 3, 2, 1.48 + 0.02 * s], ratio=0.5) for s in range(3)]
     text = "\n".join(transfer.summarize({"runs": dense + mod + dtf_close})["verdicts"])
     assert "within seed noise" in text
+
+
+def test_a_diverged_run_is_reported_not_averaged():
+    dense = [_run("dense", 0, [4.0, 3.0, 2.0, 1.0])]
+    mod = [_run("mod@0.5", 0, [4, 3, 2, 1.5], ratio=0.5)]
+    bad = {**_run("dtf@0.5", 0, [], ratio=0.5), "diverged": "loss is not finite at step 18"}
+    out = transfer.summarize({"runs": dense + mod + [bad]})
+    assert [r["arm"] for r in out["rows"]] == ["dense", "mod@0.5"]
+    assert any("dtf@0.5, seed 0: **diverged** (loss is not finite at step 18)" in v
+               for v in out["verdicts"])
 
 
 def test_loss_at_flops_interpolates_in_flops():
