@@ -118,7 +118,9 @@ class Attention(nn.Module):
         """`ctx` holds pos_BT, seg_BT (or None) and, with a cache, the write `index`.
 
         `write_BT` says which tokens store their K/V in the cache (all valid ones by default;
-        routed layers pass their decisions).
+        routed layers pass their decisions). `ctx["kv_write"]`, when set, replaces the cache
+        write and mask: `(cache, k, v) -> (new cache, MaskSpec)` (routed caches,
+        `jaxdyn.model.routing.causal`).
         """
         cfg = self.cfg
         N, K, Hd, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
@@ -144,6 +146,10 @@ class Attention(nn.Module):
             out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, self_spec(seg_BT, B, T), cfg,
                               segments=seg_BT is not None, self_attention=True)
             new_cache = None
+        elif ctx.get("kv_write") is not None:  # a routed layer's own cache layout
+            new_cache, spec = ctx["kv_write"](cache, k_BTKH, v_BTKH)
+            out_BTNH = attend(q_BTNH, new_cache["k"].astype(dt), new_cache["v"].astype(dt), spec,
+                              cfg)
         else:
             index = ctx["index"]
             if write_BT is None:

@@ -30,10 +30,10 @@ from jax import lax
 from jaxdyn.model.block import DecoderLayer, init_layer_cache
 from jaxdyn.model.config import ModelConfig
 from jaxdyn.model.layers import Norm, dtype_of, param_init
+from jaxdyn.model.routing.causal import causal_routed, init_routed_cache
 from jaxdyn.model.routing.options import DTF_SCALARS, prior_width, routed_k, routing_opts
 from jaxdyn.model.routing.route import (
     CausalPredictor,
-    causal_routed,
     causal_router_terms,
     check_mode,
     masked_mean,
@@ -149,7 +149,8 @@ class DTFUnit(nn.Module):
             d_BT = c_BT >= 0  # σ(c) >= 0.5
             self.sow("intermediates", "decision", d_BT)  # no-op unless the caller asks
             y_BTD, c_dyn = causal_routed(dyn, hp_BTD, g_BT, d_BT, valid_BT,
-                                         None if cache is None else cache["dyn"], ctx)
+                                         None if cache is None else cache["dyn"], ctx, opt,
+                                         self.is_initializing())
             if cache is not None:
                 new_cache.update(dec=c_dec, dyn=c_dyn)
             m_BT = topk_mask(g_BT, valid_BT, k)  # targets for the (eval) metrics only
@@ -183,7 +184,7 @@ class DTFUnit(nn.Module):
 def init_dtf_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
     """One pair's cache: layer caches plus the D_st history and segment ids for the causal MA."""
     return {"dec": init_layer_cache(cfg, batch, max_len, dtype),
-            "dyn": init_layer_cache(cfg, batch, max_len, dtype),
+            "dyn": init_routed_cache(cfg, batch, max_len, dtype),
             "dst": jnp.zeros((batch, max_len), f32),
             "seg": jnp.zeros((batch, max_len), jnp.int32)}
 

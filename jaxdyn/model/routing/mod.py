@@ -26,11 +26,11 @@ import jax.numpy as jnp
 from jaxdyn.model.block import DecoderLayer, init_layer_cache
 from jaxdyn.model.config import ModelConfig
 from jaxdyn.model.layers import dtype_of, param_init
+from jaxdyn.model.routing.causal import causal_routed, init_routed_cache
 from jaxdyn.model.routing.options import routed_k, routing_opts, unit_slots
 from jaxdyn.model.routing.route import (
     CausalPredictor,
     bce_with_logits,
-    causal_routed,
     causal_router_terms,
     check_mode,
     masked_mean,
@@ -103,7 +103,8 @@ class MoDUnit(nn.Module):
             d_BT = c_BT >= 0  # σ(c) >= 0.5
             self.sow("intermediates", "decision", d_BT)  # no-op unless the caller asks
             y_BTD, c_routed = causal_routed(routed, h_BTD, gate_BT, d_BT, valid_BT,
-                                            None if cache is None else cache["routed"], ctx)
+                                            None if cache is None else cache["routed"], ctx, opt,
+                                            self.is_initializing())
             m_BT = topk_mask(r_BT, valid_BT, k)  # targets for the (eval) metrics only
             sel_frac = masked_mean(d_BT.astype(f32), w_BT)
 
@@ -126,8 +127,10 @@ class MoDUnit(nn.Module):
 
 
 def init_mod_cache(cfg: ModelConfig, batch: int, max_len: int, dtype) -> dict:
-    """One superblock's cache: ordinary dense caches and a routed one (fewer written slots)."""
-    return {name: init_layer_cache(cfg, batch, max_len, dtype) for name in unit_slots(cfg)}
+    """One superblock's cache: ordinary dense caches and a routed one (compact when
+    `cache_fraction` < 1, `jaxdyn.model.routing.causal`)."""
+    return {name: (init_routed_cache if name == "routed" else init_layer_cache)(
+        cfg, batch, max_len, dtype) for name in unit_slots(cfg)}
 
 
 register_unit("mod", UnitSpec(

@@ -25,6 +25,10 @@ COMMON: dict[str, Any] = {
     "route_offset": 1,  # ... at this position in the unit (0 <= offset < n; 1: layer 0 dense)
     "unpaired_last_layer": "error",  # odd num_layers is an error
     "attend_to": "selected",  # selected tokens attend to selected tokens only (MoD semantics)
+    # Causal (generation) mode, docs/features/routing.md §7:
+    "causal_compute": "selected",  # "selected": layer on a bucket of d = 1 tokens | "masked"
+    "causal_buckets": 4,  # n: bucket capacities 0, T/2^(n-1), ..., T/2, T (rows when decoding)
+    "cache_fraction": "auto",  # routed KV cache slots / cache length; "auto" = min(1, 2γ)
 }
 MOD: dict[str, Any] = {
     **COMMON,
@@ -64,6 +68,7 @@ CHOICES: dict[str, tuple] = {
     "prior_detach_input": (False, True),
     "ma_padding": ("replicate", "available"),
     "causal_router_input": ("post", "pair_input"),
+    "causal_compute": ("selected", "masked"),
 }
 GATES = {"mod": ("sigmoid", "raw", "ones"), "dtf": ("or", "ce")}
 NONNEG = ("causal_loss_weight", "router_bce_weight", "z_loss_weight", "prior_loss_weight")
@@ -99,6 +104,15 @@ def validate_routing(arch: str, routing: dict[str, Any], num_layers: int | None 
     gamma = opts["capacity"]
     if not (isinstance(gamma, (int, float)) and 0.0 < gamma <= 1.0):
         raise ConfigError(f"routing capacity={gamma!r} must be a fraction in (0, 1]")
+    n = opts["causal_buckets"]
+    if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 16):
+        raise ConfigError(f"routing causal_buckets={n!r} must be an int in [1, 16] (capacities "
+                          "T, T/2, ..., T/2^(n-1) and 0)")
+    frac = opts["cache_fraction"]
+    if not (frac == "auto" or (isinstance(frac, (int, float)) and not isinstance(frac, bool)
+                               and 0.0 < frac <= 1.0)):
+        raise ConfigError(f"routing cache_fraction={frac!r} must be 'auto' or a fraction in "
+                          "(0, 1] (1: full-size routed caches)")
     for key in NONNEG:
         if key in opts and not (isinstance(opts[key], (int, float)) and opts[key] >= 0):
             raise ConfigError(f"routing {key}={opts[key]!r} must be a number >= 0")

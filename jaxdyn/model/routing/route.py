@@ -8,8 +8,8 @@ the indices are sorted so positional causality is lower-triangular in gathered o
 runs on the k gathered tokens only (original positions for RoPE, selected-to-selected mask) and
 the gated update is scattered back; unselected tokens pass through bit-exactly.
 
-`causal_routed` is the generation-time path (§7): a per-token decision d restricts the keys to
-d = 1 tokens (or, with a KV cache, lets only d = 1 tokens write) and scales the update by d.
+The causal (generation) mode reuses the same select → gather → block → scatter steps on the
+tokens its per-token decisions pick (`jaxdyn.model.routing.causal`).
 """
 
 from __future__ import annotations
@@ -66,80 +66,77 @@ def topk_mask(score_BT: jax.Array, valid_BT: jax.Array | None, k: int) -> jax.Ar
     return _scatter_rows(jnp.zeros(score_BT.shape, bool), idx_Bk, sel_Bk)
 
 
-def route(x_BTD: jax.Array, score_BT: jax.Array, gate_BT: jax.Array, pos_BT: jax.Array,
-          valid_BT: jax.Array | None, seg_BT: jax.Array | None, k: int, block: BlockFn,
-          dispatch: str = "gather") -> tuple[jax.Array, RouteInfo]:
-    """Run `block` on the k top-scored tokens of each row and scatter the gated update back.
+class Selection(NamedTuple):
+    """k tokens picked per row, with what the block needs to know about them."""
+
+    idx_Bk: jax.Array  # sorted selected token indices per row
+    valid_Bk: jax.Array  # False where a row had fewer than k valid tokens (slot contributes 0)
+    pos_Bk: jax.Array  # original positions (RoPE)
+    seg_Bk: jax.Array | None  # segment ids, 0 for invalid slots; None: one document, no padding
+    gate_Bk: jax.Array  # fp32 gate values
+
+
+def select(score_BT: jax.Array, gate_BT: jax.Array, pos_BT: jax.Array,
+           valid_BT: jax.Array | None, seg_BT: jax.Array | None, k: int) -> Selection:
+    """The k top-scored valid tokens of each row (sorted) and their positions, segments, gates.
 
     `valid_BT=None` and `seg_BT=None` mean "no padding, one document per row": the gathered
-    block then gets `seg=None` and may use the `is_causal` fast path (indices are sorted).
-    Gradients reach `gate_BT` and the block; the top-k indices are not differentiated.
+    tokens then get `seg=None` so the block may use the `is_causal` fast path.
     """
-    B, T, D = x_BTD.shape
+    B = score_BT.shape[0]
     idx_Bk = topk_indices(score_BT, valid_BT, k)
     take = lambda a_BT: jnp.take_along_axis(a_BT, idx_Bk, axis=1)
-    pos_Bk = take(pos_BT)
     valid_Bk = jnp.ones((B, k), bool) if valid_BT is None else take(valid_BT)
-    g_Bk = take(gate_BT.astype(f32))
     if seg_BT is not None:
         seg_Bk = jnp.where(valid_Bk, take(seg_BT), 0)  # seg 0 = never attended
     elif valid_BT is not None:
         seg_Bk = valid_Bk.astype(jnp.int32)
     else:
         seg_Bk = None
+    return Selection(idx_Bk, valid_Bk, take(pos_BT), seg_Bk, take(gate_BT.astype(f32)))
+
+
+def _onehot(idx_Bk: jax.Array, T: int) -> jax.Array:
+    return idx_Bk[:, :, None] == jnp.arange(T)[None, None, :]
+
+
+def gather(x_BTD: jax.Array, sel: Selection, dispatch: str = "gather") -> jax.Array:
+    """The selected tokens [B, k, D] (`dispatch="onehot"`: a [B,k,T] einsum, same values)."""
     if dispatch == "onehot":  # [B,k,T] dispatch/combine einsums (TPU-friendly), same maths
-        hot_BkT = idx_Bk[:, :, None] == jnp.arange(T)[None, None, :]
-        disp_BkT = hot_BkT.astype(x_BTD.dtype)
-        x_BkD = jnp.einsum("bkt,btd->bkd", disp_BkT, x_BTD, precision=lax.Precision.HIGHEST)
-    else:
-        x_BkD = jnp.take_along_axis(x_BTD, idx_Bk[:, :, None], axis=1)
-    y_BkD = block(x_BkD, pos_Bk, seg_Bk)
-    new_BkD = lerp(x_BkD, y_BkD, g_Bk * valid_Bk)
+        disp_BkT = _onehot(sel.idx_Bk, x_BTD.shape[1]).astype(x_BTD.dtype)
+        return jnp.einsum("bkt,btd->bkd", disp_BkT, x_BTD, precision=lax.Precision.HIGHEST)
+    return jnp.take_along_axis(x_BTD, sel.idx_Bk[:, :, None], axis=1)
+
+
+def scatter(x_BTD: jax.Array, sel: Selection, x_BkD: jax.Array, y_BkD: jax.Array,
+            dispatch: str = "gather") -> tuple[jax.Array, jax.Array]:
+    """x with the gated updates `lerp(x_k, y_k, g·valid)` of the selected tokens put back
+    (unselected tokens bit-exact), and the bool mask [B, T] of valid selected tokens."""
+    B, T, _ = x_BTD.shape
+    new_BkD = lerp(x_BkD, y_BkD, sel.gate_Bk * sel.valid_Bk)
     if dispatch == "onehot":
-        sel_BT = jnp.any(hot_BkT & valid_Bk[:, :, None], axis=1)
-        comb_BTD = jnp.einsum("bkt,bkd->btd", disp_BkT, new_BkD, precision=lax.Precision.HIGHEST)
-        y_BTD = jnp.where(sel_BT[..., None], comb_BTD.astype(x_BTD.dtype), x_BTD)
-    else:
-        y_BTD = _scatter_rows(x_BTD, idx_Bk, new_BkD)
-        sel_BT = _scatter_rows(jnp.zeros((B, T), bool), idx_Bk, valid_Bk)
-    return y_BTD, RouteInfo(idx_Bk, valid_Bk, sel_BT)
+        hot_BkT = _onehot(sel.idx_Bk, T)
+        sel_BT = jnp.any(hot_BkT & sel.valid_Bk[:, :, None], axis=1)
+        comb_BTD = jnp.einsum("bkt,bkd->btd", hot_BkT.astype(x_BTD.dtype), new_BkD,
+                              precision=lax.Precision.HIGHEST)
+        return jnp.where(sel_BT[..., None], comb_BTD.astype(x_BTD.dtype), x_BTD), sel_BT
+    y_BTD = _scatter_rows(x_BTD, sel.idx_Bk, new_BkD)
+    return y_BTD, _scatter_rows(jnp.zeros((B, T), bool), sel.idx_Bk, sel.valid_Bk)
 
 
-def causal_routed(layer: nn.Module, x_BTD: jax.Array, gate_BT: jax.Array, d_BT: jax.Array,
-                  valid_BT: jax.Array | None, cache: Any, ctx: dict[str, Any]):
-    """Causal-mode routed layer: x + d·g·(block(x) − x) over all T tokens
-    (docs/features/routing.md).
+def route(x_BTD: jax.Array, score_BT: jax.Array, gate_BT: jax.Array, pos_BT: jax.Array,
+          valid_BT: jax.Array | None, seg_BT: jax.Array | None, k: int, block: BlockFn,
+          dispatch: str = "gather") -> tuple[jax.Array, RouteInfo]:
+    """Run `block` on the k top-scored tokens of each row and scatter the gated update back
+    (`select` → `gather` → block → `scatter`; the causal mode reuses the same three steps).
 
-    Without a cache the keys are restricted to d = 1 tokens through the segment mask; with a
-    cache only d = 1 tokens write K/V (`write_BT`), and the `written` flags mask the rest.
-    Decoding one token of one row, `nn.cond` skips the block when d = 0; larger batches
-    compute and mask (shapes stay static).
+    Gradients reach `gate_BT` and the block; the top-k indices are not differentiated.
     """
-    sel_BT = d_BT if valid_BT is None else d_BT & valid_BT
-    if cache is not None and x_BTD.shape[:2] == (1, 1):  # batch-1 decode: skip when d = 0
-        def run(mdl, x_BTD, cache):
-            y_BTD, (cache, _) = mdl(x_BTD, cache, ctx, write_BT=sel_BT)
-            return lerp(x_BTD, y_BTD, gate_BT * sel_BT), cache
-
-        def skip(mdl, x_BTD, cache):
-            return x_BTD, skip_slot(cache, ctx["index"])
-
-        return nn.cond(sel_BT[0, 0], run, skip, layer, x_BTD, cache)
-    if cache is None:
-        seg_BT = ctx.get("seg_BT")
-        seg_BT = sel_BT.astype(jnp.int32) if seg_BT is None else jnp.where(sel_BT, seg_BT, 0)
-        y_BTD, _ = layer(x_BTD, None, {**ctx, "seg_BT": seg_BT})
-    else:
-        y_BTD, (cache, _) = layer(x_BTD, cache, ctx, write_BT=sel_BT)
-    return lerp(x_BTD, y_BTD, gate_BT * sel_BT), cache
-
-
-def skip_slot(cache: dict[str, jax.Array], index: jax.Array) -> dict[str, jax.Array]:
-    """The cache after a token that writes nothing: its slot holds zeros, `written` False
-    (exactly what `Attention` stores for `write_BT=False`)."""
-    upd = lambda buf: lax.dynamic_update_slice_in_dim(
-        buf, jnp.zeros((buf.shape[0], 1, *buf.shape[2:]), buf.dtype), index, axis=1)
-    return {name: upd(buf) for name, buf in cache.items()}
+    sel = select(score_BT, gate_BT, pos_BT, valid_BT, seg_BT, k)
+    x_BkD = gather(x_BTD, sel, dispatch)
+    y_BkD = block(x_BkD, sel.pos_Bk, sel.seg_Bk)
+    y_BTD, sel_BT = scatter(x_BTD, sel, x_BkD, y_BkD, dispatch)
+    return y_BTD, RouteInfo(sel.idx_Bk, sel.valid_Bk, sel_BT)
 
 
 class CausalPredictor(nn.Module):
