@@ -146,7 +146,7 @@ def decode(args, cfg: ModelConfig, params, tok, prompts, on_tokens=None):
     if args.mode == "verify":
         check = lossless_check_wanted(args, cfg)
         res = generate_verify(cfg, params, prompts, args.max_new_tokens, sampling, n_heads=n,
-                              head_depth=depth, check_lossless=check, **common)
+                              head_depth=depth, check_lossless=check, tree=args.tree, **common)
         rate = float(res.accepted.sum() / max(res.reached.sum(), 1))
         depths = ", ".join(f"{a:.2f}" for a in res.acceptance)
         return res, (f"; {res.tokens_per_forward:.2f} tokens/forward; acceptance {rate:.3f} "
@@ -194,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     dyn.add_argument("--penalty_window", type=int, help="recent tokens the penalty sees (64)")
     dyn.add_argument("--cooccur_mode", choices=("ours", "paper"),
                      help="ours (renormalised grid) or the paper's literal thresholds")
+    ap.add_argument("--tree", default="chain",
+                    help="--mode verify: candidate tree one forward checks: 'chain' (one draft "
+                         "per head) or top-k per draft depth, e.g. '4,2' (1+4+8 nodes, tree "
+                         "attention; Medusa/EAGLE-style)")
     ap.add_argument("--check_lossless", choices=("auto", "on", "off"), default="auto",
                     help="--mode verify: also decode plain greedy and report tokens that differ "
                          "(auto: when the compute dtype is not float32 and decoding is greedy)")

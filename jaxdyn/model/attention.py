@@ -11,6 +11,13 @@ sorted gathered tokens), cached decoding uses `index + t` for queries and the sl
 keys, with the key "segment" being the slot's `written` flag. Query rows that see no key
 (padding) come out as zeros.
 
+One extension point goes beyond that rule: an explicit boolean mask among the tokens of one
+call, `ctx["attn_mask_BTT"]` [B, T, T] (query t may see token t' of the same call only where it
+is True), AND'ed with the rule above. In cached decoding it applies to the call's block of
+slots index..index+T-1; earlier slots are unaffected (`call_mask`). Tree verification of the
+multi-token heads passes its ancestor mask this way. An explicit mask takes the dense-mask
+path ([B, T, S] booleans), meant for short blocks.
+
 `attend` is the one entry point; `pick_implementation` chooses the kernel per backend.
 """
 
@@ -76,19 +83,35 @@ def cache_spec(written_BS: jax.Array, index: jax.Array, T: int) -> MaskSpec:
                     written_BS.astype(jnp.int32))
 
 
+def call_mask(mask_BTT: jax.Array, index: jax.Array | None, S: int) -> jax.Array:
+    """[B, T, S] keys allowed by a mask among the T tokens of one call: with a cache (`index`
+    given) the call's tokens sit at slots index..index+T-1 and every earlier slot passes; without
+    one (T == S) the mask itself."""
+    if index is None:
+        return mask_BTT
+    B, T, _ = mask_BTT.shape
+    block_BTS = jax.lax.dynamic_update_slice(jnp.zeros((B, T, S), bool), mask_BTT, (0, 0, index))
+    return block_BTS | (jnp.arange(S) < index)[None, None, :]
+
+
 def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, spec: MaskSpec,
-           cfg: ModelConfig, segments: bool = True, self_attention: bool = False) -> jax.Array:
+           cfg: ModelConfig, segments: bool = True, self_attention: bool = False,
+           allow_BTS: jax.Array | None = None) -> jax.Array:
     """Masked GQA softmax attention [B, T, N, Hd] by the kernel `pick_implementation` chooses.
 
     `self_attention`: T == S and `spec` is `self_spec(...)` (index-causal plus segments), which
     the fused kernels need; `segments=False` says the segment ids are all one (no padding, one
     document), which lets XLA and cuDNN use their `is_causal` path instead of a dense mask.
+    `allow_BTS`: an explicit extra mask AND'ed with the rule (see the module doc); it takes the
+    dense-mask path.
     """
     impl = pick_implementation(cfg, q_BTNH.dtype, segments, self_attention)
     scale = cfg.head_dim ** -0.5
+    if allow_BTS is not None:
+        impl = "xla"
     if impl == "blockwise":
         return blockwise_attention(q_BTNH, k_BSKH, v_BSKH, spec, scale, cfg.attention_block)
-    if impl in ("xla", "cudnn") and self_attention and not segments:
+    if impl in ("xla", "cudnn") and self_attention and not segments and allow_BTS is None:
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, scale=scale, is_causal=True,
                                             implementation=impl)
     if impl == "splash":
@@ -98,7 +121,7 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, spec: MaskSp
         out = pallas_gpu_attention(q_BTNH, k_BSKH, v_BSKH, spec.q_seg_BT, scale)
         any_key_BT = spec.q_seg_BT != 0
     else:  # the dense-mask reference: a [B, T, S] mask, T·S memory per row
-        mask_BTS = visible(spec)
+        mask_BTS = visible(spec) if allow_BTS is None else visible(spec) & allow_BTS
         out = jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
                                            scale=scale, implementation=impl)
         any_key_BT = jnp.any(mask_BTS, axis=-1)
@@ -115,7 +138,8 @@ class Attention(nn.Module):
     def __call__(self, x_BTD: jax.Array, ctx: dict[str, Any],
                  cache: LayerCache | None = None,
                  write_BT: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
-        """`ctx` holds pos_BT, seg_BT (or None) and, with a cache, the write `index`.
+        """`ctx` holds pos_BT, seg_BT (or None), optionally attn_mask_BTT (module doc) and,
+        with a cache, the write `index`.
 
         `write_BT` says which tokens store their K/V in the cache (all valid ones by default;
         routed layers pass their decisions). `ctx["kv_write"]`, when set, replaces the cache
@@ -142,9 +166,11 @@ class Attention(nn.Module):
 
         B, T = x_BTD.shape[:2]
         seg_BT = ctx.get("seg_BT")
+        mask_BTT = ctx.get("attn_mask_BTT")
         if cache is None:
+            allow = None if mask_BTT is None else call_mask(mask_BTT, None, T)
             out_BTNH = attend(q_BTNH, k_BTKH, v_BTKH, self_spec(seg_BT, B, T), cfg,
-                              segments=seg_BT is not None, self_attention=True)
+                              segments=seg_BT is not None, self_attention=True, allow_BTS=allow)
             new_cache = None
         elif ctx.get("kv_write") is not None:  # a routed layer's own cache layout
             new_cache, spec = ctx["kv_write"](cache, k_BTKH, v_BTKH)
@@ -164,8 +190,9 @@ class Attention(nn.Module):
                 "v": upd(cache["v"], jnp.where(keep, v_BTKH, jnp.zeros_like(v_BTKH))),
                 "written": written,
             }
+            allow = None if mask_BTT is None else call_mask(mask_BTT, index, written.shape[1])
             out_BTNH = attend(q_BTNH, new_cache["k"].astype(dt), new_cache["v"].astype(dt),
-                              cache_spec(written, index, T), cfg)
+                              cache_spec(written, index, T), cfg, allow_BTS=allow)
         out_BTNH = checkpoint_name(out_BTNH, "attn_out")
         o = Proj((N, Hd), (D,), ("heads", "head_dim", "embed"), cfg.o_bias, dt, pdt, name="o")
         return o(out_BTNH), new_cache

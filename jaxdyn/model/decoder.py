@@ -60,7 +60,10 @@ class CausalLM(nn.Module):
     @nn.compact
     def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
                  segment_ids_BT: jax.Array | None = None, cache: dict | None = None,
-                 compute_logits: bool = True, conditioning: dict | None = None) -> ModelOutput:
+                 compute_logits: bool = True, conditioning: dict | None = None,
+                 attn_mask_BTT: jax.Array | None = None) -> ModelOutput:
+        """`attn_mask_BTT`: an optional boolean mask among this call's tokens, AND'ed with the
+        causal/segment rule in every attention layer (`jaxdyn.model.attention`; dense only)."""
         cfg = self.cfg
         B, T = tokens_BT.shape
         dt = dtype_of(cfg.dtype)
@@ -71,7 +74,11 @@ class CausalLM(nn.Module):
         if positions_BT is None:
             start = 0 if index is None else index
             positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-        ctx = {"pos_BT": positions_BT, "seg_BT": segment_ids_BT, "index": index}
+        if attn_mask_BTT is not None and cfg.arch != "dense":
+            raise ValueError(f"attn_mask_BTT needs arch='dense' (routed units reorder tokens), "
+                             f"got {cfg.arch!r}")
+        ctx = {"pos_BT": positions_BT, "seg_BT": segment_ids_BT, "index": index,
+               "attn_mask_BTT": attn_mask_BTT}
 
         embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt,
                          param_dtype=dtype_of(cfg.param_dtype),
