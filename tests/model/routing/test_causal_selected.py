@@ -175,8 +175,8 @@ OPT = {"causal_compute": "selected", "causal_buckets": 4, "capacity_multiple": 1
 @functools.cache
 def layer_params():
     x = jnp.zeros((1, 8, LCFG.hidden_size))
-    return Layer(OPT).init(jax.random.key(0), x, x[..., 0], x[..., 0] > 0,
-                           jnp.zeros((1, 8), jnp.int32))
+    return jax.jit(Layer(OPT).init)(jax.random.key(0), x, x[..., 0], x[..., 0] > 0,
+                                    jnp.zeros((1, 8), jnp.int32))
 
 
 @functools.cache
@@ -217,6 +217,9 @@ def test_bucket_outcomes_equal_masked(name):
         np.testing.assert_array_equal(np.asarray(a)[~sel], np.asarray(x)[~sel])  # d = 0: x
     if name != "none":  # the masked reference is not trivially equal to x
         assert not np.allclose(a, x)
+    if name == "mixed":  # the [B,k,T] one-hot dispatch gives the same result
+        c = layer_fn(dispatch="onehot")(layer_params(), x, gate, jnp.asarray(d), pos, valid)[0]
+        np.testing.assert_allclose(c, b, atol=1e-5, rtol=0)
 
 
 def test_bucket_choice_covers_the_largest_row(monkeypatch):
