@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import jax
@@ -31,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxdyn import sharding
 from jaxdyn.decode.sampling import SamplingConfig, sample
 from jaxdyn.model import ModelConfig, build, init_cache, param_shardings
+from jaxdyn.model.routing.causal import cache_overflow
 
 
 @dataclasses.dataclass
@@ -39,6 +41,9 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     decode_steps: int
+    # Per prompt: selected tokens a compact routed KV cache had no room for (treated as not
+    # selected, docs/features/routing.md §7); all zeros for dense models and full caches.
+    cache_overflow: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def tokens_per_sec(self) -> float:
@@ -235,7 +240,13 @@ def _generate(cfg, params, prompts, n_real, max_new_tokens, sampling, seed, eos_
         if on_tokens:
             on_tokens(step, host_tok)
     t2 = time.perf_counter()
-    return GenerationResult(out, t1 - t0, t2 - t1, steps)
+    per_row = np.asarray(sharding.to_host(cache_overflow(cache)))  # [B], or 0-d: no routed cache
+    overflow = [int(x) for x in np.broadcast_to(per_row, (len(tok_B),))[:n_real]]
+    if any(overflow):
+        warnings.warn(f"compact routed KV cache overflow: {overflow} selected tokens per prompt "
+                      "were skipped for lack of cache room; raise model.routing.cache_fraction "
+                      "(1 = full-size caches)", stacklevel=3)
+    return GenerationResult(out, t1 - t0, t2 - t1, steps, overflow)
 
 
 def truncate_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

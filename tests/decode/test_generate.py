@@ -254,3 +254,23 @@ def test_cli_prompts_file_errors_and_traceback_switch(tmp_path, capsys, monkeypa
     monkeypatch.setenv("JAXDYN_TRACEBACK", "1")  # user errors keep their traceback
     with pytest.raises(FileNotFoundError, match="is not a file"):
         main(["--checkpoint", "/nowhere", "--prompts", str(tmp_path / "none.jsonl")])
+
+
+def test_compact_cache_overflow_is_reported_not_silent():
+    """A MoD model whose causal routers select every token, with routed caches of 1/4 of the
+    slots: tokens beyond that are skipped, and `generate` says how many, per prompt."""
+    cfg = tiny("qwen2", arch="mod", routing={"capacity": 0.125, "cache_fraction": 0.25})
+    params = init_params(cfg, jax.random.key(0))
+    params = jax.tree_util.tree_map_with_path(  # c = 0 for every token: d = 1 everywhere
+        lambda path, w: jnp.zeros_like(w) if any(getattr(k, "key", "") == "fc1" for k in path)
+        and any(getattr(k, "key", "") == "predictor" for k in path) else w, params)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12]]
+    with pytest.warns(UserWarning, match="cache overflow"):
+        res = generate(cfg, params, prompts, max_new_tokens=24, bucket=8)
+    # One routed layer (tiny: 2 layers); cache S = 8 + 24 = 32 slots -> 8 compact slots; every
+    # real token is selected, so (prompt + generated tokens written) - 8 are dropped.
+    written = [len(p) + 23 for p in prompts]  # the last new token is never fed back
+    assert res.cache_overflow == [n - 8 for n in written]
+    full = generate(cfg.replace(routing={"capacity": 0.125, "cache_fraction": 1.0}), params,
+                    prompts, max_new_tokens=4)
+    assert full.cache_overflow == [0, 0]
