@@ -375,7 +375,7 @@ def device_steps(cfg: ModelConfig, n_heads: int, head_depth: int, opts: DynamoOp
 
             def skip(s):
                 z = jnp.zeros_like(s.done_B, jnp.int32)
-                return s, (jnp.zeros((z.shape[0], n), jnp.int32), z, z, s.done_B & False,
+                return s, (jnp.zeros((z.shape[0], n), jnp.int32), z, z, jnp.zeros_like(s.done_B),
                            jnp.zeros((), bool))
 
             return jax.lax.cond(jnp.all(s.done_B), skip, run, s)
