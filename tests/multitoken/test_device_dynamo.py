@@ -101,10 +101,10 @@ def test_select_device_equals_host_select(small, opts):
 
 
 @pytest.fixture(scope="module")
-def chain():
+def chain(tmp_path_factory):
     """An untrained 3-head tiny model and tables of a Markov chain over its ids."""
     corpus = markov_corpus(32, n_docs=200, branching=2, order=1, seed=0)[0]
-    d = __import__("tempfile").mkdtemp()
+    d = tmp_path_factory.mktemp("cooc_chain")
     build_tables(corpus[:100], CFG.vocab_size, d)
     return init_mtp_params(CFG, 3, jax.random.key(3)), CooccurTables(d)
 
