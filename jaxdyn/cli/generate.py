@@ -24,6 +24,7 @@ from jaxdyn.decode.sampling import LIMITS, SamplingConfig, sampling_errors
 from jaxdyn.model import ModelConfig
 from jaxdyn.multitoken.cooccur import CooccurTables
 from jaxdyn.multitoken.decode import generate_multitoken, generate_verify
+from jaxdyn.multitoken.device import generate_multitoken_device
 from jaxdyn.multitoken.grid import DynamoOptions
 from jaxdyn.multitoken.heads import heads_of
 from jaxdyn.temporal.generate import generate_conditioned, load_temporal
@@ -156,8 +157,9 @@ def decode(args, cfg: ModelConfig, params, tok, prompts, on_tokens=None):
                          repetition_penalty=args.repetition_penalty, alpha_c=args.alpha_c,
                          threshold=args.threshold, adaptive=args.adaptive, blur=args.blur,
                          penalty_window=args.penalty_window, mode=args.cooccur_mode)
-    res = generate_multitoken(cfg, params, load_tables(args, cfg, tok), prompts,
-                              args.max_new_tokens, opts, n_heads=n, head_depth=depth, **common)
+    run = generate_multitoken_device if args.dynamo_on == "device" else generate_multitoken
+    res = run(cfg, params, load_tables(args, cfg, tok), prompts, args.max_new_tokens, opts,
+              n_heads=n, head_depth=depth, **common)
     share = res.emission_hist[1:] / max(res.emission_hist[1:].sum(), 1)
     return res, (f"; ε_b={opts.threshold}; {res.tokens_per_forward:.2f} tokens/forward; "
                  f"steps emitting 1..{n}: {', '.join(f'{x:.2f}' for x in share)}; "
@@ -192,6 +194,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     dyn.add_argument("--no_adaptive", action="store_true", help="skip Otsu's adaptive threshold")
     dyn.add_argument("--no_blur", action="store_true", help="no [1,2,1] blur before Otsu")
     dyn.add_argument("--penalty_window", type=int, help="recent tokens the penalty sees (64)")
+    dyn.add_argument("--dynamo_on", choices=("device", "host"), default="device",
+                     help="where the selection runs: inside the jitted step (default) or the "
+                     "host NumPy reference; the same tokens for a fixed seed")
     dyn.add_argument("--cooccur_mode", choices=("ours", "paper"),
                      help="ours (renormalised grid) or the paper's literal thresholds")
     ap.add_argument("--tree", default="chain",

@@ -171,6 +171,13 @@ def test_cli_mtp_verify_equals_plain_and_multitoken_reports(tmp_path, capsys):
     capsys.readouterr()
     _, err = run_cli(capsys, *args, "--mode", "multitoken", "--threshold", "1.0")
     assert "1.00 tokens/forward" in err and "ε_b=1.0" in err
+    # The selection on device (default) and on the host emit the same text for a fixed seed.
+    outs = [run_cli(capsys, *args, "--mode", "multitoken", "--threshold", "0.5",
+                    "--dynamo_on", where, "--temperature", "0.7", "--seed", "3")
+            for where in ("device", "host")]
+    assert outs[0][0] == outs[1][0]
+    stats = [err.split("ε_b=")[1] for _, err in outs]  # tokens/forward, emissions, back-offs
+    assert stats[0] == stats[1]
 
 
 def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
