@@ -8,6 +8,7 @@ Suites (each a function `(preset, ctx) -> rows`, registered in `SUITES`):
 | decode | batch-1 KV-cached greedy decode tokens/s | transformers `generate` |
 | train | trainer step tokens/s and MFU | transformers + torch AdamW step |
 | routing | MoD/DTF (capacity 0.125, 0.5) step and forward time | dense jaxdyn, beside FLOP ratio |
+| inference | routed prefill, batch-B decode, compact cache bytes | dense jaxdyn, FLOP ratio |
 | multitoken | verify / DynaMo decoding | single-token decoding |
 | scaling | FSDP throughput and state bytes per device, N fake devices | N = 1 |
 | conversion | `conversion.from_hf` peak RSS | checkpoint bytes |
@@ -54,6 +55,7 @@ def _lazy(module: str, fn: str) -> SuiteFn:
 for _name, _module, _fn in (("forward", "forward", "run_forward"),
                             ("decode", "forward", "run_decode"),
                             ("train", "train", "run"), ("routing", "routing", "run"),
+                            ("inference", "inference", "run"),
                             ("multitoken", "multitoken", "suite"),
                             ("scaling", "scaling", "run"),
                             ("data", "data", "run"),
@@ -63,8 +65,8 @@ for _name, _module, _fn in (("forward", "forward", "run_forward"),
     register(_name)(_lazy(_module, _fn))
 
 
-ORDER = ("forward", "decode", "train", "routing", "multitoken", "scaling", "conversion", "data",
-         "attention", "kernels")
+ORDER = ("forward", "decode", "train", "routing", "inference", "multitoken", "scaling",
+         "conversion", "data", "attention", "kernels")
 # Suites run only when named (not by "all"): diagnostics that take a target suite apart.
 DIAGNOSTICS: dict[str, SuiteFn] = {"profile": _lazy("profile", "run")}
 

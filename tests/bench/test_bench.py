@@ -45,8 +45,8 @@ def _finite_positive(x):
 
 
 def test_registry_has_every_suite():
-    assert set(SUITES) == {"forward", "decode", "train", "routing", "multitoken", "scaling",
-                           "conversion", "data", "attention", "kernels"}
+    assert set(SUITES) == {"forward", "decode", "train", "routing", "inference", "multitoken",
+                           "scaling", "conversion", "data", "attention", "kernels"}
 
 
 def test_presets_come_from_the_config_table(monkeypatch):
@@ -121,6 +121,25 @@ def test_cli_rejects_unknown_preset_and_bare_worker(capsys):
     with pytest.raises(SystemExit):
         main(["--worker", "scaling"])
     assert "needs --child" in capsys.readouterr().err
+
+
+def test_inference_suite_calibrates_routers_and_reports_savings(micro):
+    """Routed prefill/decode/cache rows against dense: the calibrated routers select at most
+    k = γ·T per row and layer (so the bucket matches the FLOP ratio), compact cache bytes are
+    reported against the expected fraction."""
+    rows, _ = run_suites(["inference"], micro, routing_variants=(("dense", None), ("mod", 0.5)))
+    names = [r["name"] for r in rows]
+    assert names == ["prefill dense B2xT32", "decode dense B2 P4+6",
+                     "prefill mod c0.5 selected B2xT32", "prefill mod c0.5 masked B2xT32",
+                     "decode mod c0.5 B2 P4+6", "cache mod c0.5 B2 S10"]
+    pre = rows[2]
+    assert 0 < pre["flop_ratio"] < 1 and pre["ref"] == "dense"
+    assert "max 16," in pre["notes"] or "max 1" in pre["notes"]  # k = 16 of T = 32
+    most = int(pre["notes"].split("max ")[1].split(",")[0])
+    assert 0 < most <= 16
+    cache = rows[-1]
+    assert cache["cache_bytes"] < cache["dense_cache_bytes"]
+    assert abs(cache["ratio"] - 1) < 0.25  # slot/pointer arrays on top of γ·K/V
 
 
 def test_routing_rows_carry_flop_ratios(micro):
