@@ -59,7 +59,7 @@ PRESETS = {
     # Seconds: checks the harness end to end (numbers are not meaningful).
     "smoke": dict(layers=2, dense_steps=20, mtp_steps=20, batch=4, seq_len=32,
                   lr_dense=3e-3, lr_base=3e-5, prompts=2, max_new=16, train_docs=40,
-                  mechanism=10),
+                  mechanism=10, mechanism_docs=100, mechanism_held=2, mechanism_new=16),
 }
 EPS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CONFIG = "configs/mtp.py:tiny"  # GPT-NeoX block, the `mtp` block with its defaults
@@ -188,7 +188,10 @@ def run(preset: str = "tiny", out_dir: str | None = None) -> list[dict]:
                     emitted_share=[round(float(x), 3) for x in
                                    res.emission_hist[1:] / max(res.emission_hist.sum(), 1)])
     if p["mechanism"]:
-        rows += mechanism(p["mechanism"], out_dir=os.path.join(out_dir, "mechanism"))
+        rows += mechanism(p["mechanism"], out_dir=os.path.join(out_dir, "mechanism"),
+                          n_docs=p.get("mechanism_docs", 1000),
+                          held_docs=p.get("mechanism_held", 8),
+                          n_new=p.get("mechanism_new", 64))
     _plot(rows, os.path.join(out_dir, "multitoken_eps.png"))
     with open(os.path.join(out_dir, "multitoken.json"), "w") as f:
         json.dump(rows, f, indent=1)
@@ -196,7 +199,7 @@ def run(preset: str = "tiny", out_dir: str | None = None) -> list[dict]:
 
 
 def mechanism(steps: int, V: int = 64, order: int = 2, out_dir: str | None = None,
-              n_docs: int = 1000, held_docs: int = 8) -> list[dict]:
+              n_docs: int = 1000, held_docs: int = 8, n_new: int = 64) -> list[dict]:
     """The mechanism check (docs/features/multitoken.md §8; maths in
     `jaxdyn.multitoken.mechanism`) on a known Markov chain of `order` (default 2) over V tokens
     (3 successors per context), trained by the trainer (`mtp` objective from scratch, 3 heads,
@@ -256,7 +259,6 @@ def mechanism(steps: int, V: int = 64, order: int = 2, out_dir: str | None = Non
         rows.append({**info, "mode": "mechanism-kl", "positions": len(kl["product"]),
                      **{f"kl_{k}": round(float(np.mean(v)), 4) for k, v in kl.items()}})
         prompts = [[int(t) for t in d[:8]] for d in held]
-        n_new = 64
         rng = np.random.default_rng(1)
         anc = [mech.ancestral(trans, q, n_new, rng) for q in prompts]
         rows.append({**info, "mode": "mechanism-ancestral", "tokens_per_forward": 1.0,

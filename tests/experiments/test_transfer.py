@@ -90,25 +90,23 @@ def test_loss_at_flops_interpolates_in_flops():
 
 @pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
-    """Pretrain → continue dense and DTF from the one checkpoint through the trainer (MoD
-    goes the same way; three runs keep this under a minute)."""
+    """Pretrain → continue DTF from the dense checkpoint through the trainer (MoD and the
+    dense continuation go the same way; two runs keep this short)."""
     cfg = schema.load(TINY, ["--config.experiment.scratch_arms=()",
-                             "--config.experiment.arms=('dense', 'dtf@0.5')"])
+                             "--config.experiment.arms=('dtf@0.5',)"])
     res = transfer.run_study(cfg, str(tmp_path))
-    assert [(r["variant"], r["arm"]) for r in res["runs"]] == [
-        ("transfer", "dense"), ("transfer", "dtf@0.5")]
-    for r in res["runs"]:
-        assert len(r["causal"]) == len(r["topk"]) >= 1 and np.isfinite(r["causal"]).all()
-        if r["arm"] == "dense":
-            assert r["causal"] == r["topk"] and r["flop_ratio"] == 1.0
-        else:
-            assert r["flop_ratio"] < 1.0
-            # The routed model started from the pretrained dense one: the trainer logged the
-            # dense source's loss on the first batch (a transfer row) ...
-            assert "transfer_row" in r
-            # ... and its loss is far below a random model's ln(258) ≈ 5.55.
-            assert r["causal"][-1] < res["pretrain"]["causal"][0] + 0.5
+    ((r),) = res["runs"]
+    assert (r["variant"], r["arm"]) == ("transfer", "dtf@0.5") and not r["diverged"]
+    assert len(r["causal"]) == len(r["topk"]) >= 1 and np.isfinite(r["causal"]).all()
+    assert 0 < r["flop_ratio"] < 1.0
+    # The routed model started from the pretrained dense one: the trainer logged the dense
+    # source's loss on the first batch (a transfer row) ...
+    assert set(r["transfer_row"]) >= {"transfer/dense_nll", "transfer/routed_nll"}
+    # ... and it ends near the pretrained model, far below a random model's ln(258) ≈ 5.55.
+    assert r["causal"][-1] < res["pretrain"]["causal"][0] + 0.5
     assert os.path.exists(tmp_path / "val_loss_vs_flops.png")
-    md = (tmp_path / "results.md").read_text()
-    assert "| transfer | dtf@0.5 | 1 |" in md and "dtf@0.5: routed beats dense" in md
+    assert "| transfer | dtf@0.5 | 1 |" in (tmp_path / "results.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["study"]["seeds"] == [0]
+    # A finished run is not trained again: a rerun reads its study_run.json.
+    again = transfer.run_study(cfg, str(tmp_path))
+    assert again["runs"][0]["seconds"] == r["seconds"]

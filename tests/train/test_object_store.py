@@ -183,7 +183,7 @@ def test_train_resume_evaluate_generate_export_on_the_store(gcs, tmp_path, monke
     evaluate_main(["--checkpoint", local, *ev])
     out = capsys.readouterr().out
     got_ev = json.loads(paths.read_text(paths.join(store, "eval.json")))
-    want_ev = json.loads(out[out.rindex("{\n"):])
+    want_ev = json.loads(out[out.rindex("\n{\n") + 1:])  # the last top-level JSON object
     assert got_ev["ppl"] == want_ev["ppl"] and np.isfinite(got_ev["ppl"])
 
     gen = ["--prompt", "def ", "--max_new_tokens", "6"]
