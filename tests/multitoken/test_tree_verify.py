@@ -24,6 +24,16 @@ from jaxdyn.multitoken.heads import (
 from jaxdyn.multitoken.objective import markov_corpus, multitoken_loss
 from jaxdyn.multitoken.tree import Tree, parse_tree
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_compile():
+    """Most XLA optimisations off: these tests compare two paths compiled the same way and are
+    compile-bound (docs/testing.md)."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
 CFG = tiny("qwen2", vocab_size=34, max_position_embeddings=128)  # GQA: 4 query, 2 kv heads
 V = CFG.vocab_size
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [20], [30, 31, 4, 4]]
