@@ -44,6 +44,7 @@ from jaxdyn.multitoken.objective import markov_corpus, multitoken_loss
 from jaxdyn.train import schema, train_and_evaluate
 from jaxdyn.train.metrics import read_metrics
 from jaxdyn.train.optim import make_optimizer
+from tests.multitoken.stats import chi2_ok
 
 V = 32  # symbols of the Markov chain; the model adds EOS and pad (ids tokenizer)
 # configs/mtp.py:tiny (GPT-NeoX, 3 heads) on the chain, 2 layers, trained from scratch.
@@ -422,20 +423,6 @@ def test_multitoken_emits_only_seen_ngrams_and_is_deterministic(trained, tables)
     assert step._cache_size() - before <= 2  # prefill + decode block, for both runs
 
 
-def _chi2_ok(counts, probs, alpha_z=3.09):
-    """Chi-square goodness of fit (cells with expected < 5 pooled), Wilson-Hilferty at 1e-3."""
-    n = counts.sum()
-    exp = probs * n
-    big = exp >= 5
-    obs_c = np.r_[counts[big], counts[~big].sum()]
-    exp_c = np.r_[exp[big], exp[~big].sum()]
-    keep = exp_c > 0
-    stat = np.sum((obs_c[keep] - exp_c[keep]) ** 2 / exp_c[keep])
-    df = keep.sum() - 1
-    crit = df * (1 - 2 / (9 * df) + alpha_z * np.sqrt(2 / (9 * df))) ** 3
-    return stat < crit, stat, crit
-
-
 def test_verify_sampling_preserves_head1_distribution(untrained):
     params = untrained  # random heads: drafts disagree with head 1 often
     s = SamplingConfig(temperature=1.0)
@@ -455,12 +442,12 @@ def test_verify_sampling_preserves_head1_distribution(untrained):
     joint12 = p1[:, None] * p2_given
     marg2, marg3 = joint12.sum(0), np.einsum("ab,abc->c", joint12, p3_given)
     for j, marg in ((1, marg2), (2, marg3)):
-        ok, stat, crit = _chi2_ok(np.bincount(toks[:, j], minlength=VM), marg)
+        ok, stat, crit = chi2_ok(np.bincount(toks[:, j], minlength=VM), marg)
         assert ok, (j, stat, crit)
     # The test has power: the drafting head's own distribution is rejected.
     out = multitoken_model(CFG, 3).apply({"params": params}, jnp.asarray([prompt]))
     q2 = np.asarray(jax.nn.softmax(all_logits(out)[1, 0, -1]), np.float64)
-    assert not _chi2_ok(np.bincount(toks[:, 1], minlength=VM), q2)[0]
+    assert not chi2_ok(np.bincount(toks[:, 1], minlength=VM), q2)[0]
 
 
 def test_trainer_writes_a_multitoken_checkpoint_that_generate_and_evaluate_load(tmp_path):

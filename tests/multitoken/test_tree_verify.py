@@ -23,16 +23,9 @@ from jaxdyn.multitoken.heads import (
 )
 from jaxdyn.multitoken.objective import markov_corpus, multitoken_loss
 from jaxdyn.multitoken.tree import Tree, parse_tree
+from tests.multitoken.stats import chi2_ok
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-    """Most XLA optimisations off: these tests compare two paths compiled the same way and are
-    compile-bound (docs/testing.md)."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("xla_fast_compile")  # compile-bound (conftest)
 
 CFG = tiny("qwen2", vocab_size=34, max_position_embeddings=128)  # GQA: 4 query, 2 kv heads
 V = CFG.vocab_size
@@ -206,19 +199,6 @@ def test_cache_after_tree_verify_equals_prefill_of_the_same_tokens(trained):
                     assert w[first:first + int(w.sum())].all()
 
 
-def _chi2_ok(counts, probs, alpha_z=3.09):
-    """Chi-square goodness of fit (cells with expected < 5 pooled), Wilson-Hilferty at 1e-3."""
-    n = counts.sum()
-    exp = probs * n
-    big = exp >= 5
-    obs_c, exp_c = np.r_[counts[big], counts[~big].sum()], np.r_[exp[big], exp[~big].sum()]
-    keep = exp_c > 0
-    stat = np.sum((obs_c[keep] - exp_c[keep]) ** 2 / exp_c[keep])
-    df = keep.sum() - 1
-    crit = df * (1 - 2 / (9 * df) + alpha_z * np.sqrt(2 / (9 * df))) ** 3
-    return stat < crit, stat, crit
-
-
 def test_tree_sampling_keeps_head1_distribution(untrained):
     """3,000 rows through a 1+3+6 tree with random heads: the 2nd and 3rd tokens follow head
     1's exact marginals (chi-square), while the drafting head's own distribution is rejected."""
@@ -238,8 +218,8 @@ def test_tree_sampling_keeps_head1_distribution(untrained):
     joint12 = p1[:, None] * p2_given
     marg2, marg3 = joint12.sum(0), np.einsum("ab,abc->c", joint12, p3_given)
     for j, marg in ((1, marg2), (2, marg3)):
-        ok, stat, crit = _chi2_ok(np.bincount(toks[:, j], minlength=V), marg)
+        ok, stat, crit = chi2_ok(np.bincount(toks[:, j], minlength=V), marg)
         assert ok, (j, stat, crit)
     out = multitoken_model(CFG, 3).apply({"params": params}, jnp.asarray([prompt]))
     q2 = np.asarray(jax.nn.softmax(all_logits(out)[1, 0, -1]), np.float64)
-    assert not _chi2_ok(np.bincount(toks[:, 1], minlength=V), q2)[0]
+    assert not chi2_ok(np.bincount(toks[:, 1], minlength=V), q2)[0]

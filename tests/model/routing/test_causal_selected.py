@@ -16,15 +16,7 @@ from jaxdyn.model.routing import causal as C
 from jaxdyn.model.routing.options import routing_opts
 from jaxdyn.model.routing.transfer import unstack_layers
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_compile():
-    """Most XLA optimisations off: these tests compare two paths compiled the same way and are
-    compile-bound (docs/testing.md)."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
+pytestmark = pytest.mark.usefixtures("xla_fast_compile")  # compile-bound (conftest)
 
 SMALL = dict(hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
              vocab_size=128, num_layers=2)  # one scan unit
