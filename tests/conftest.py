@@ -25,23 +25,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 import jax  # noqa: E402
-import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 # Multi-minute tests (marked `slow`: subprocess trainings, 8-device parity) start first, so
 # that neither xdist worker is left running one of them alone at the end of the suite.
-
-
-@pytest.fixture(scope="module")
-def xla_fast_compile():
-    """Most XLA optimisations off for a module (`pytestmark = pytest.mark.usefixtures(
-    "xla_fast_compile")`): for compile-bound files whose comparisons have both sides compiled
-    alike (docs/testing.md)."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
 
 
 def pytest_collection_modifyitems(config, items):

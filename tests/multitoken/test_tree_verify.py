@@ -25,8 +25,6 @@ from jaxdyn.multitoken.objective import markov_corpus, multitoken_loss
 from jaxdyn.multitoken.tree import Tree, parse_tree
 from tests.multitoken.stats import chi2_ok
 
-pytestmark = pytest.mark.usefixtures("xla_fast_compile")  # compile-bound (conftest)
-
 CFG = tiny("qwen2", vocab_size=34, max_position_embeddings=128)  # GQA: 4 query, 2 kv heads
 V = CFG.vocab_size
 PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [20], [30, 31, 4, 4]]

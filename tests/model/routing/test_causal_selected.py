@@ -16,8 +16,6 @@ from jaxdyn.model.routing import causal as C
 from jaxdyn.model.routing.options import routing_opts
 from jaxdyn.model.routing.transfer import unstack_layers
 
-pytestmark = pytest.mark.usefixtures("xla_fast_compile")  # compile-bound (conftest)
-
 SMALL = dict(hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64,
              vocab_size=128, num_layers=2)  # one scan unit
 LCFG = tiny("qwen2", hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64)
