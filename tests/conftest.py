@@ -1,7 +1,7 @@
 """Test setup, before jax loads: 8 fake CPU devices (sharding tests), strict rank promotion, and
-one persistent XLA compilation cache per test session, shared by the xdist workers and by every
-subprocess a test starts (they inherit the environment), so a program compiled by one test is
-read back, not compiled again, by the next test or process that builds the same one."""
+one persistent XLA compilation cache per test session, written by the subprocesses tests start
+(they inherit the environment) and read by them and by the xdist workers, so a program one
+process compiled is read back, not compiled again, by the next that builds the same one."""
 
 import atexit
 import os
@@ -27,6 +27,11 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# The test processes themselves read the cache but never write to it; the subprocesses tests
+# start (CLIs, launch scripts) do both. Serialising an executable for the cache segfaulted
+# inside XLA (`executable.serialize()` in jax's put_executable_and_time) in a long-lived xdist
+# worker twice, at the same test, and never in a fresh process; see docs/testing.md.
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
 
 # Multi-minute tests (marked `slow`: subprocess trainings, 8-device parity) start first, so
 # that neither xdist worker is left running one of them alone at the end of the suite.
