@@ -20,7 +20,6 @@ from jaxdyn.evaluate.perplexity import evaluate
 from jaxdyn.model import init_params, param_shardings, tiny
 
 MESHES = {"d2f2t2": (2, 2, 2), "d1f4t2": (1, 4, 2)}
-ARCHS = ("dense", "mod")
 PROMPTS = [list(b"def f(x):"), list(b"import os\n"), list(b"a = [1, 2")]  # 3 rows: padded to 4
 REQUESTS = [("1 + 1 =", " 2"), ("def f(x): return", " x"), ("", "hello"), ("abc ", "def")]
 TEXTS = [b"def f(x):\n    return x + 1\n", b"import os\nprint(os.sep)\n", b"a = [1, 2, 3]\n",
@@ -67,8 +66,8 @@ def assert_sharded(params):
     return split
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("mesh_name", MESHES)
+# Each architecture on one of the meshes (both meshes, both architectures, half the compiles).
+@pytest.mark.parametrize("arch,mesh_name", [("dense", "d1f4t2"), ("mod", "d2f2t2")])
 def test_sharded_generate_evaluate_loglikelihood_equal_one_device(arch, mesh_name):
     cfg, params = model(arch)
     want_tokens, want_eval, want_ll = one_device(arch)
