@@ -16,6 +16,13 @@ prefill batch (random routers select about half of the tokens whatever γ is; se
 
 Unrolled layers (`scan_layers=False`) on both sides, so each routed layer has its own router
 to calibrate and its own sown decisions.
+
+Then the multi-token decoding rows (`jaxdyn.bench.multitoken.decoding_suite`: the multitoken
+bench's MTP model, trained by the trainer, batch-1 decoding of the same prompts against
+single-token decoding): chain and tree verify (target: tree ≥ 2 tokens per forward with the
+plain greedy output) and DynaMo's dynamic mode with its selection on the host and on device
+(target: device ≥ 1.5× single-token tokens/s at an ε_b where it emits ≥ 2 tokens per forward,
+same tokens as the host). `ctx["inference_multitoken"] = False` leaves them out.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdyn.bench import common, protocol
+from jaxdyn.bench import common, multitoken, protocol
 from jaxdyn.decode.generate import generate
 from jaxdyn.decode.sampling import SamplingConfig
 from jaxdyn.model import build, init_cache, init_params
@@ -187,4 +194,6 @@ def run(preset_name: str, ctx: dict) -> list[dict]:
                                    "layers) / layers",
                          "meets_target": bool(abs(got / want - 1) <= CACHE_TOL),
                          "notes": f"cache_fraction {cap}; {n_routed} routed of {L} layers"})
+    if ctx.get("inference_multitoken", True):
+        rows += multitoken.decoding_suite(preset_name, ctx)
     return rows

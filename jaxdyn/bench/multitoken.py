@@ -46,6 +46,7 @@ from jaxdyn.evaluate.perplexity import evaluate, load_corpus
 from jaxdyn.multitoken import mechanism as mech
 from jaxdyn.multitoken.cooccur import CooccurTables, build_tables, builtin_docs
 from jaxdyn.multitoken.decode import generate_multitoken, generate_verify
+from jaxdyn.multitoken.device import device_tables, generate_multitoken_device
 from jaxdyn.multitoken.grid import DynamoOptions
 from jaxdyn.multitoken.heads import all_logits, dense_params_of, multitoken_model
 from jaxdyn.multitoken.objective import markov_corpus
@@ -62,6 +63,8 @@ PRESETS = {
                   mechanism=10, mechanism_docs=100, mechanism_held=2, mechanism_new=16),
 }
 EPS = (0.0, 0.25, 0.5, 0.75, 1.0)
+TOP_KS = (50, 10)
+TREE = "8,4"  # tree verify: top-8 drafts of head 2, top-4 of head 3 under each (1+8+32 nodes)
 CONFIG = "configs/mtp.py:tiny"  # GPT-NeoX block, the `mtp` block with its defaults
 N_HEADS = 3
 LR_GROUPS = (("^heads/", 100.0),)  # LR_M : LR_B = 100 : 1 (the paper's ratio)
@@ -117,13 +120,36 @@ def train(p: dict, out_dir: str) -> str:
 
 
 def run(preset: str = "tiny", out_dir: str | None = None) -> list[dict]:
-    """Train (`train`), evaluate and decode with this module's preset `preset`; writes the
-    workdirs, `multitoken.json` and `multitoken_eps.png` into `out_dir` (default
-    runs/bench/multitoken) and returns the rows."""
+    """Train (`train`), evaluate and decode with this module's preset `preset`, then the
+    mechanism check; writes the workdirs, `multitoken.json` and `multitoken_eps.png` into
+    `out_dir` (default runs/bench/multitoken) and returns the rows."""
+    p = _preset(preset)
+    out_dir = out_dir or os.path.join("runs", "bench", "multitoken")
+    rows = decoding(preset, out_dir)
+    if p["mechanism"]:
+        rows += mechanism(p["mechanism"], out_dir=os.path.join(out_dir, "mechanism"),
+                          n_docs=p.get("mechanism_docs", 1000),
+                          held_docs=p.get("mechanism_held", 8),
+                          n_new=p.get("mechanism_new", 64))
+    _plot(rows, os.path.join(out_dir, "multitoken_eps.png"))
+    with open(os.path.join(out_dir, "multitoken.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return rows
+
+
+def _preset(preset: str) -> dict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    p = PRESETS[preset]
-    out_dir = out_dir or os.path.join("runs", "bench", "multitoken")
+    return PRESETS[preset]
+
+
+def decoding(preset: str, out_dir: str) -> list[dict]:
+    """Train the preset's MTP model into `out_dir`, then decode the same prompts (batch 1, one
+    at a time: the latency setting) by every mode, each against single-token decoding in the
+    same run: plain greedy / sampling, chain and tree verify (lossless: `identical` compares
+    with plain greedy), and DynaMo's dynamic sampling over ε_b and top-k with the selection on
+    the host and on device (`identical` compares device with host tokens)."""
+    p = _preset(preset)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     mtp_dir = train(p, out_dir)
@@ -163,6 +189,11 @@ def run(preset: str = "tiny", out_dir: str | None = None) -> list[dict]:
     _, ver = _timed(lambda: each(lambda q: generate_verify(cfg, params, q, p["max_new"])))
     row("verify-greedy", ver, ref_rate, identical=ver.tokens == plain.tokens,
         acceptance=[round(float(a), 3) for a in ver.acceptance])
+    tree = p.get("tree", TREE)
+    _, tv = _timed(lambda: each(lambda q: generate_verify(cfg, params, q, p["max_new"],
+                                                          tree=tree)))
+    row("tree-verify-greedy", tv, ref_rate, tree=tree, identical=tv.tokens == plain.tokens,
+        acceptance=[round(float(a), 3) for a in tv.acceptance])
 
     opts0 = DynamoOptions()
     samp = SamplingConfig(opts0.temperature, opts0.top_k, 1.0, opts0.repetition_penalty)
@@ -176,25 +207,23 @@ def run(preset: str = "tiny", out_dir: str | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tdir:
         build_tables(docs, cfg.vocab_size, tdir, fingerprint=tok.fingerprint())
         tables = CooccurTables(tdir)
-        for top_k in (50, 10):
-            for eps in EPS:
+        dev_tables = device_tables(tables, N_HEADS)
+        for top_k in p.get("top_ks", TOP_KS):
+            for eps in p.get("eps", EPS):
                 opts = dataclasses.replace(opts0, threshold=eps, top_k=top_k)
                 samp_k = SamplingConfig(opts.temperature, top_k, 1.0, opts.repetition_penalty)
                 _, pk = _timed(lambda s=samp_k: each(
                     lambda q: generate(cfg, dense, q, p["max_new"], s)), repeats=1)
                 _, res = _timed(lambda o=opts: each(lambda q: generate_multitoken(
                     cfg, params, tables, q, p["max_new"], o)), repeats=1)
-                row("dynamic", res, _decode_rate(pk), eps_b=eps, top_k=top_k,
-                    emitted_share=[round(float(x), 3) for x in
-                                   res.emission_hist[1:] / max(res.emission_hist.sum(), 1)])
-    if p["mechanism"]:
-        rows += mechanism(p["mechanism"], out_dir=os.path.join(out_dir, "mechanism"),
-                          n_docs=p.get("mechanism_docs", 1000),
-                          held_docs=p.get("mechanism_held", 8),
-                          n_new=p.get("mechanism_new", 64))
-    _plot(rows, os.path.join(out_dir, "multitoken_eps.png"))
-    with open(os.path.join(out_dir, "multitoken.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+                _, dev = _timed(lambda o=opts: each(lambda q: generate_multitoken_device(
+                    cfg, params, dev_tables, q, p["max_new"], o)), repeats=1)
+                for mode, r, extra in (("dynamic", res, {}),
+                                       ("dynamic-device", dev,
+                                        {"identical": dev.tokens == res.tokens})):
+                    row(mode, r, _decode_rate(pk), eps_b=eps, top_k=top_k, **extra,
+                        emitted_share=[round(float(x), 3) for x in
+                                       r.emission_hist[1:] / max(r.emission_hist.sum(), 1)])
     return rows
 
 
@@ -323,13 +352,14 @@ class _Plain:
 def _plot(rows: list[dict], path: str) -> None:
     fig = Figure(figsize=(9, 3.5))
     ax = fig.subplots(1, 2)
-    for k in sorted({r["top_k"] for r in rows if r["mode"] == "dynamic"}):
-        rs = [r for r in rows if r["mode"] == "dynamic" and r["top_k"] == k]
-        eps = [r["eps_b"] for r in rs]
-        ax[0].plot(eps, [r["tokens_per_forward"] for r in rs], "o-", label=f"dynamic k={k}")
-        ax[1].plot(eps, [r["speedup"] for r in rs], "o-", label=f"dynamic k={k}")
+    for mode, style in (("dynamic", "o-"), ("dynamic-device", "s--")):
+        for k in sorted({r["top_k"] for r in rows if r["mode"] == mode}):
+            rs = [r for r in rows if r["mode"] == mode and r["top_k"] == k]
+            eps = [r["eps_b"] for r in rs]
+            ax[0].plot(eps, [r["tokens_per_forward"] for r in rs], style, label=f"{mode} k={k}")
+            ax[1].plot(eps, [r["speedup"] for r in rs], style, label=f"{mode} k={k}")
     for r in rows:
-        if r["mode"].startswith("verify"):
+        if "verify" in r["mode"]:
             ax[0].axhline(r["tokens_per_forward"], ls="--", lw=1, label=r["mode"])
             ax[1].axhline(r["speedup"], ls="--", lw=1, label=r["mode"])
     ax[0].set(xlabel="ε_b", ylabel="tokens per forward")
@@ -340,22 +370,58 @@ def _plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def suite(preset: str, ctx: dict) -> list[dict]:
-    """The `multitoken` suite of `python -m jaxdyn.bench`: this module's own preset `smoke`
-    for the bench preset `tiny`, else `tiny`; rows in the bench's fields, `ctx["multitoken_dir"]`
-    for the outputs."""
-    own = "smoke" if preset == "tiny" else "tiny"
+DYNAMO_SPEEDUP, DYNAMO_TPF, TREE_TPF = 1.5, 2.0, 2.0  # issue targets (CPU, wall clock)
+
+
+def _targets(r: dict) -> dict:
+    """The decoding targets: DynaMo on device >= 1.5x single-token tokens/s where it emits
+    >= 2 tokens per forward, same tokens as the host; tree verify >= 2 tokens per forward and
+    the plain greedy output."""
+    if r.get("mode") == "dynamic-device":
+        return {"target": f"tokens/s >= {DYNAMO_SPEEDUP}x single-token at >= {DYNAMO_TPF} "
+                          "tokens/forward, tokens == host",
+                "meets_target": bool(r["speedup"] >= DYNAMO_SPEEDUP and r["identical"])
+                if r["tokens_per_forward"] >= DYNAMO_TPF else None}
+    if r.get("mode") == "tree-verify-greedy":
+        return {"target": f"tokens/forward >= {TREE_TPF}, output == plain greedy",
+                "meets_target": bool(r["tokens_per_forward"] >= TREE_TPF and r["identical"])}
+    return {}
+
+
+def _bench_rows(raw: list[dict], suite_name: str, own: str) -> list[dict]:
     rows = []
-    for r in run(own, ctx.get("multitoken_dir")):
+    for r in raw:
         name = r.get("mode", "?")
         if "weighting" in r:
             name += f" eps={r['eps_b']} weighting={r['weighting']}"
         elif "eps_b" in r:
             name += f" eps={r['eps_b']} top_k={r.get('top_k')}"
-        rows.append({"suite": "multitoken", "name": name, "impl": "jaxdyn",
+        elif "tree" in r:
+            name += f" tree={r['tree']}"
+        rows.append({**{k: v for k, v in r.items() if k not in ("tokens_per_sec", "speedup")},
+                     "suite": suite_name, "name": name, "impl": "jaxdyn",
                      "tokens_per_s": r.get("tokens_per_sec"), "ratio": r.get("speedup"),
                      "ref": "single-token" if "speedup" in r else None,
                      "notes": f"multitoken preset {own}; tokens/forward "
-                              f"{r.get('tokens_per_forward')}",
-                     **{k: v for k, v in r.items() if k not in ("tokens_per_sec", "speedup")}})
+                              f"{r.get('tokens_per_forward')}", **_targets(r)})
     return rows
+
+
+def _own(preset: str) -> str:
+    return "smoke" if preset == "tiny" else "tiny"
+
+
+def suite(preset: str, ctx: dict) -> list[dict]:
+    """The `multitoken` suite of `python -m jaxdyn.bench`: this module's own preset `smoke`
+    for the bench preset `tiny`, else `tiny`; rows in the bench's fields, `ctx["multitoken_dir"]`
+    for the outputs."""
+    return _bench_rows(run(_own(preset), ctx.get("multitoken_dir")), "multitoken", _own(preset))
+
+
+def decoding_suite(preset: str, ctx: dict) -> list[dict]:
+    """The decoding rows alone (no mechanism check), for the `inference` suite: trained into
+    `ctx["multitoken_dir"]/inference` (default runs/bench/inference_multitoken)."""
+    root = ctx.get("multitoken_dir")
+    out = (os.path.join(root, "inference") if root else
+           os.path.join("runs", "bench", "inference_multitoken"))
+    return _bench_rows(decoding(_own(preset), out), "inference", _own(preset))

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import math
 
-import jax
 import pytest
 
 from configs import presets as preset_table
@@ -20,21 +19,11 @@ MICRO = common.Preset(dict(family="qwen2", vocab_size=256, hidden_size=32, num_l
                       batch=2, seq_len=32, prompt_len=4, new_tokens=6, repeats=1)
 # The multitoken suite's `smoke` sizes cut further: the harness end to end, nothing measured.
 MTP_MICRO = dict(multitoken.PRESETS["smoke"], dense_steps=4, mtp_steps=4, train_docs=24,
-                 prompts=1, max_new=8, mechanism=4)
+                 prompts=1, max_new=8, mechanism=4, eps=(0.0, 1.0), top_ks=(10,))
 
 
 @pytest.fixture
-def fast_compile(monkeypatch):
-    """Most XLA optimisations off (docs/testing.md: these are compile-heavy smoke tests and
-    nothing here is timed against anything)."""
-    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # the workers' subprocesses
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", False)
-
-
-@pytest.fixture
-def micro(monkeypatch, fast_compile):
+def micro(monkeypatch):
     """The MICRO preset, registered in memory beside those of configs/bench.py."""
     monkeypatch.setitem(common.LOADED, "micro", MICRO)
     return "micro"
@@ -127,7 +116,8 @@ def test_inference_suite_calibrates_routers_and_reports_savings(micro):
     """Routed prefill/decode/cache rows against dense: the calibrated routers select at most
     k = γ·T per row and layer (so the bucket matches the FLOP ratio), compact cache bytes are
     reported against the expected fraction."""
-    rows, _ = run_suites(["inference"], micro, routing_variants=(("dense", None), ("mod", 0.5)))
+    rows, _ = run_suites(["inference"], micro, routing_variants=(("dense", None), ("mod", 0.5)),
+                         inference_multitoken=False)  # its decoding rows: the multitoken test
     names = [r["name"] for r in rows]
     assert names == ["prefill dense B2xT32", "decode dense B2 P4+6",
                      "prefill mod c0.5 selected B2xT32", "prefill mod c0.5 masked B2xT32",
@@ -186,7 +176,7 @@ def test_conversion_suite_reports_a_row(micro):
 
 
 @pytest.mark.slow
-def test_multitoken_suite_trains_through_the_trainer(fast_compile, monkeypatch, tmp_path):
+def test_multitoken_suite_trains_through_the_trainer(monkeypatch, tmp_path):
     """Bench `tiny` -> multitoken `smoke` (cut to a few steps): dense then mtp workdirs, PPL
     from jaxdyn.evaluate, verify == plain greedy, the Markov check on an ids corpus."""
     monkeypatch.setitem(multitoken.PRESETS, "smoke", MTP_MICRO)
@@ -208,9 +198,17 @@ def test_multitoken_suite_trains_through_the_trainer(fast_compile, monkeypatch, 
     assert ver["ref"] == "single-token" and _finite_positive(float(ver["ratio"]))
     for k in ("ppl_1", "ppl_2", "ppl_3", "ppl_1:3"):
         assert _finite_positive(float(plain[k])), k
+    tree = by[f"tree-verify-greedy tree={multitoken.TREE}"]
+    assert tree["identical"] is True and isinstance(tree["meets_target"], bool)
+    assert 1.0 <= tree["tokens_per_forward"] <= 3.0
     dyn = [r for r in rows if r["mode"] == "dynamic"]
-    assert len(dyn) == 2 * len(multitoken.EPS)
-    assert all(1.0 <= r["tokens_per_forward"] <= 3.0 for r in dyn)
+    dev = [r for r in rows if r["mode"] == "dynamic-device"]
+    grid = [(k, e) for k in MTP_MICRO["top_ks"] for e in MTP_MICRO["eps"]]
+    assert [(r["top_k"], r["eps_b"]) for r in dyn] == [(r["top_k"], r["eps_b"]) for r in dev] \
+        == grid
+    assert all(1.0 <= r["tokens_per_forward"] <= 3.0 for r in dyn + dev)
+    # the device selection emits the host's tokens (same seed, same uniforms)
+    assert all(r["identical"] is True for r in dev), [r["name"] for r in dev]
     (kl,) = [r for r in rows if r["mode"] == "mechanism-kl"]
     assert all(math.isfinite(kl[k]) and kl[k] >= 0 for k in
                ("kl_product", "kl_cooccur", "kl_cooccur+thresholds"))

@@ -181,16 +181,6 @@ def test_dashboard_of_a_dense_run_and_of_no_run(tmp_path, capsys):
         viz_cli.main(["--workdir", str(tmp_path / "nothing")])
 
 
-@pytest.fixture
-def fast_compile():
-    """Most XLA optimisations off (docs/testing.md) for the CLI smoke test: it checks files,
-    logged metrics and that the CLI prints what `generate` returns, no reference numerics."""
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", before)
-
-
 def is_png(path) -> bool:
     with open(path, "rb") as f:
         return f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -198,7 +188,7 @@ def is_png(path) -> bool:
 
 @pytest.mark.parametrize("spec", ["configs/mod.py:tiny", "configs/dtf.py:tiny"])
 @pytest.mark.slow
-def test_generate_and_visualize_clis_on_a_training_workdir(tmp_path, spec, capsys, fast_compile):
+def test_generate_and_visualize_clis_on_a_training_workdir(tmp_path, spec, capsys):
     """`python -m jaxdyn.generate` and `python -m jaxdyn.viz` on a routed workdir."""
     workdir = str(tmp_path / "run")
     train_and_evaluate(configlib.load_config(spec, FAST), workdir)
