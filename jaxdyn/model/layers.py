@@ -113,6 +113,20 @@ ACT_FNS = {
 }
 
 
+def flat_dot(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+    """x [..., *in] · w [*in, *out] as one 2-D matmul [N, I] · [I, O], reshaped back.
+
+    Same values as `einsum("...i,io->...o")`, but autodiff of an einsum with several batch
+    dims ([B, T]) gives XLA:CPU a weight gradient contracting two dims, which it runs off its
+    fast dot path behind transposed copies; the 2-D form's gradient is one plain xᵀ·dy. At the
+    `small` shapes a SwiGLU MLP's forward+backward drops from 102 to 53 ms
+    (docs/results/performance.md)."""
+    lead, out = x.shape[:x.ndim - n_in], w.shape[n_in:]
+    x_NI = x.reshape(math.prod(lead), math.prod(x.shape[x.ndim - n_in:]))
+    y_NO = x_NI @ w.reshape(x_NI.shape[1], math.prod(out))
+    return y_NO.reshape(*lead, *out)
+
+
 def dense(in_features: int, features: int, axes: tuple[str, str], cfg: ModelConfig, name: str,
           use_bias: bool = False) -> Proj:
     """A [in] -> [out] projection (`kernel`, optional `bias`), LoRA-capable like every Proj."""
@@ -121,7 +135,7 @@ def dense(in_features: int, features: int, axes: tuple[str, str], cfg: ModelConf
 
 
 class Proj(nn.Module):
-    """A linear map between named multi-axis shapes via einsum, e.g. [D] -> [N, Hd].
+    """A linear map between named multi-axis shapes, e.g. [D] -> [N, Hd] (one 2-D matmul).
 
     Unlike `nn.DenseGeneral`, the kernel is initialised at its full rank, so its logical axis
     names always match the value (DenseGeneral initialises a flattened kernel). With LoRA
@@ -140,10 +154,7 @@ class Proj(nn.Module):
         n_in, n_out = len(self.in_shape), len(self.out_shape)
         w = self.param("kernel", param_init(self.axes), self.in_shape + self.out_shape,
                        self.param_dtype)
-        letters = "abcdefgh"
-        ins, outs = letters[:n_in], letters[n_in:n_in + n_out]
-        y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(self.dtype),
-                       w.astype(self.dtype))
+        y = flat_dot(x.astype(self.dtype), w.astype(self.dtype), n_in)
         if self.has_variable("lora", "a"):  # low-rank path; B already carries alpha / r
             a_ir = self.get_variable("lora", "a").astype(self.dtype)
             b_ro = self.get_variable("lora", "b").astype(self.dtype)

@@ -29,7 +29,7 @@ from jax import lax
 
 from jaxdyn.model.block import DecoderLayer, init_layer_cache
 from jaxdyn.model.config import ModelConfig
-from jaxdyn.model.layers import Norm, dtype_of, param_init
+from jaxdyn.model.layers import Norm, dtype_of, flat_dot, param_init
 from jaxdyn.model.routing.causal import causal_routed, init_routed_cache
 from jaxdyn.model.routing.options import DTF_SCALARS, prior_width, routed_k, routing_opts
 from jaxdyn.model.routing.route import (
@@ -64,8 +64,8 @@ class PriorFFN(nn.Module):
         w3 = self.param("w3", param_init(("embed", "mlp")), (D, di), pdt).astype(dt)
         w2 = self.param("w2", param_init(("mlp", "embed")), (di, D), pdt).astype(dt)
         u = u_BTD.astype(dt)
-        h_BTF = jax.nn.silu(jnp.einsum("btd,df->btf", u, w1)) * jnp.einsum("btd,df->btf", u, w3)
-        return jnp.einsum("btf,fd->btd", h_BTF, w2)
+        h_BTF = jax.nn.silu(flat_dot(u, w1)) * flat_dot(u, w3)
+        return flat_dot(h_BTF, w2)
 
 
 def _cached_ma(dst_BT: jax.Array, cache: dict, ctx: dict[str, Any], window: int,
