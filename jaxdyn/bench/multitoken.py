@@ -1,5 +1,6 @@
 """Multi-token bench: a tiny MTP model trained by the trainer on the built-in corpus, decoded
-by plain KV-cached decoding, lossless verify mode and DynaMo dynamic sampling over ε_b.
+by plain KV-cached decoding, lossless verify mode (chain and tree) and DynaMo dynamic sampling
+over ε_b (selection on the host and on device).
 
     python -m jaxdyn.bench --suite multitoken --preset small   # multitoken preset `tiny`
     python -m jaxdyn.bench --suite multitoken --preset tiny    # multitoken preset `smoke`
