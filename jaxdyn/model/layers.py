@@ -159,7 +159,7 @@ class Proj(nn.Module):
             a_ir = self.get_variable("lora", "a").astype(self.dtype)
             b_ro = self.get_variable("lora", "b").astype(self.dtype)
             x_i = x.astype(self.dtype).reshape(*x.shape[:x.ndim - n_in], -1)
-            y = y + ((x_i @ a_ir) @ b_ro).reshape(y.shape)
+            y = y + flat_dot(flat_dot(x_i, a_ir), b_ro).reshape(y.shape)
         if self.use_bias:
             b = self.param("bias", param_init(self.axes[n_in:], nn.initializers.zeros),
                            self.out_shape, self.param_dtype)
